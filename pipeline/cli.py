@@ -1,0 +1,203 @@
+"""Argument parsing only; ``python -m pipeline`` lands here.
+
+Bad arguments, inputs, weights or outputs end with one line on stderr and exit code 2,
+before Ray starts or any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pipeline import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``pipeline run``; the jobs in jobs/ take the same ones."""
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", help="folder, file, glob or brace pattern; a local path or any fsspec URI")
+    io.add_argument("--output", help="folder URI for the Parquet files")
+    io.add_argument("--format", default="auto", help="auto | images | webdataset | parquet (default: auto)")
+    io.add_argument("--image-column", default="image", help="Parquet input: image bytes column (default: image)")
+    io.add_argument("--id-column", default="id", help="Parquet input: id column (default: id; absent: <file>#<row>)")
+    io.add_argument("--max-pixels", type=int, default=None, help="larger images become error rows (default: Pillow's 89478485)")
+    io.add_argument("--rows-per-file", type=int, default=100_000, help="rows per output file (default: 100000)")
+    io.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--task", default="both", help="classify | features | both (default: both)")
+    m.add_argument("--model", default="resnet50", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
+    m.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="torchvision weights name (ResNet50_Weights.IMAGENET1K_V2, IMAGENET1K_V1, DEFAULT), "
+        "a checkpoint path or URI, or 'none' for seeded random weights (default: DEFAULT)",
+    )
+    m.add_argument("--labels", help="class names, one per line (checkpoints with other than 1000 classes)")
+    m.add_argument("--top-k", type=int, default=5, help="classes per image for classify (default: 5)")
+    m.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    m.add_argument("--resize-size", type=int, help="override the resize of the shorter side")
+    m.add_argument("--crop-size", type=int, help="override the center crop")
+    m.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)")
+
+    c = p.add_argument_group("compute")
+    c.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
+    c.add_argument("--actors", default="1", help="model actors, MIN[,MAX] to autoscale (default: 1)")
+    c.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="0 on CPU; 1 or a fraction on GPU")
+    c.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)")
+    c.add_argument("--threads-per-actor", type=int, help="torch threads on CPU (default: the node's cores / actors)")
+
+    p.add_argument("--config", help="YAML or TOML file of these options; flags override it")
+    return p
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="ImageNet labels and pooled ResNet features for image shards, written to Parquet.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parser.run_parser = add_run_arguments(sub.add_parser("run", help="run the pipeline"))
+    sample = sub.add_parser("sample", help="write a sample image folder (for make local and tests)")
+    sample.add_argument("output", help="folder to create")
+    sample.add_argument("--count", type=int, default=64, help="images (default: 64), plus one broken file")
+    return parser
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Reads a YAML or TOML options file; keys are flag names, with - or _."""
+    import fsspec
+
+    from pipeline.config import ConfigError
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            data = tomllib.loads(raw.decode())
+        else:
+            import yaml
+
+            data = yaml.safe_load(raw) or {}
+    except Exception as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of options")
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("config", "help"):
+            raise ConfigError(f"unknown option {key!r} in config file {path}")
+        out[dest] = ",".join(map(str, value)) if dest == "actors" and isinstance(value, list) else value
+    return out
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parses twice when --config is given: the file's values become defaults, flags win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        parser.run_parser.set_defaults(**load_config_file(args.config, parser.run_parser))
+        args = parser.parse_args(argv)
+    return args
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipeline.config import (
+        ComputeConfig,
+        ModelConfig,
+        RunConfig,
+        SinkConfig,
+        SourceConfig,
+        parse_actors,
+    )
+    from pipeline.decode import DEFAULT_MAX_PIXELS
+
+    return RunConfig(
+        source=SourceConfig(
+            input=args.input or "",
+            format=args.format,
+            image_column=args.image_column,
+            id_column=args.id_column,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        ),
+        sink=SinkConfig(output=args.output or "", rows_per_file=args.rows_per_file, overwrite=args.overwrite),
+        model=ModelConfig(
+            name=args.model,
+            weights=str(args.weights),
+            task=args.task,
+            top_k=args.top_k,
+            normalize=args.normalize,
+            labels=args.labels,
+            resize_size=args.resize_size,
+            crop_size=args.crop_size,
+            precision=args.precision,
+        ),
+        compute=ComputeConfig(
+            batch_size=args.batch_size,
+            actors=parse_actors(args.actors),
+            num_gpus_per_actor=args.num_gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+            threads_per_actor=args.threads_per_actor,
+        ),
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Validates, runs and prints the summary; the exit code says how it went."""
+    from pipeline import run
+
+    try:
+        config = config_from_args(args)
+        plan = run.prepare(config)
+    except ValueError as e:
+        return fail(str(e))
+    print(f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
+          f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
+          f"task {config.model.task}, precision {plan.precision}", file=sys.stderr)
+    try:
+        summary = run.run(config, plan)
+    except ValueError as e:  # e.g. CPU reservations that cannot fit the cluster
+        return fail(str(e))
+    except Exception as e:  # a failed run: Ray has printed the details above
+        # A Ray task error's text is a traceback; its last line names the cause.
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        print(f"error: run failed: {last[:300]}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Sequence[str] | None = None, defaults: dict | None = None) -> int:
+    """Entry point for ``python -m pipeline`` and the jobs (which pass their own defaults)."""
+    parser = get_args_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if defaults:
+        parser.run_parser.set_defaults(**defaults)
+    try:
+        args = parse_args(parser, argv)
+    except ValueError as e:
+        return fail(str(e))
+    if args.command == "sample":
+        from pipeline.samples import make_samples
+
+        written = make_samples(args.output, count=args.count)
+        print(f"wrote {len(written)} files to {args.output}")
+        return 0
+    return run_command(args)

@@ -1,0 +1,160 @@
+"""Stage 4: the callable class the actor pool holds. Load once in ``__init__``, batch → batch.
+
+It also runs without Ray (a plain loop, the GPU bench): pass the state_dict itself
+instead of an object reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchvision.transforms import functional as TF
+
+from pipeline import columns as C
+from pipeline import models
+from pipeline.decode import text_or_none
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class PredictorSpec:
+    """Everything an actor needs to build its model; small except for ``state_dict``."""
+
+    model: str
+    weights_tag: str
+    num_classes: int
+    embedding_dim: int
+    state_dict: Any = field(repr=False)  # dict of tensors, or a Ray ObjectRef to one
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    categories: tuple[str, ...] = field(repr=False)
+    task: str = "both"
+    top_k: int = 5
+    normalize: bool = False
+    precision: str = "auto"
+    device: str = "auto"  # "auto": CUDA when this process was given a GPU, else CPU
+    threads: int | None = None  # torch intra-op threads on CPU; None: see cpu_threads()
+    schema_metadata: dict[str, str] | None = field(default=None, repr=False)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        # fp32 keeps CPU results equal to torchvision's; GPUs run bf16 at many times the speed.
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on.
+
+    Ray sets OMP_NUM_THREADS (and so torch's thread count) to the actor's CPU
+    *reservation*, which is kept below the node's cores so that decode tasks can be
+    scheduled beside the model. The model should still use the cores it can see:
+    measured on 2 cores, one thread ran ResNet-50 at about half the speed of two.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Predictor:
+    """Holds one ResNet; turns decoded uint8 batches into output-contract rows."""
+
+    def __init__(self, spec: PredictorSpec):
+        self.spec = spec
+        self.device = pick_device(spec.device)
+        self.precision = resolve_precision(spec.precision, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(spec.threads or cpu_threads())
+        state_dict = spec.state_dict
+        if not isinstance(state_dict, dict):  # an ObjectRef from the driver
+            import ray
+
+            state_dict = ray.get(state_dict)
+        model = models.build(spec.model, num_classes=spec.num_classes)
+        model.load_state_dict(state_dict)
+        # One forward pass gives both heads: the pooled features, then fc on them.
+        self.fc = model.fc
+        model.fc = torch.nn.Identity()
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.fc = self.fc.eval().to(self.device)
+        self.mean = list(spec.mean)
+        self.std = list(spec.std)
+        self.categories = np.asarray(spec.categories, dtype=object)
+        self.schema = C.output_schema(spec.task, spec.embedding_dim, spec.schema_metadata)
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, H, W, 3) → (features float32 (N, D), logits float32 (N, classes))."""
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        # NHWC memory permuted to NCHW is already channels_last: no copy.
+        x = x.permute(0, 3, 1, 2)
+        # What torchvision's ImageClassification does after its crop: /255, then normalize.
+        x = TF.normalize(TF.convert_image_dtype(x, torch.float32), self.mean, self.std)
+        dtype = _DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            feats = self.model(x)
+            logits = self.fc(feats)
+        return feats.float(), logits.float()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch[C.ID])
+        ok = np.asarray(batch[C.STATUS]) == C.STATUS_OK
+        cols: dict[str, pa.Array] = {
+            C.ID: pa.array(batch[C.ID], pa.string()),
+            C.SOURCE: pa.array(batch[C.SOURCE], pa.string()),
+            C.STATUS: pa.array(batch[C.STATUS], pa.string()),
+            C.ERROR: pa.array(text_or_none(batch[C.ERROR]), pa.string()),
+        }
+        feats = logits = None
+        if ok.any():
+            feats, logits = self.forward(batch[C.IMAGE][ok])
+        missing = pa.array(~ok)  # null mask for error rows
+        if C.wants_classes(self.spec.task):
+            k = min(self.spec.top_k, self.spec.num_classes)
+            idx = np.zeros((n, k), dtype=np.int32)
+            score = np.zeros((n, k), dtype=np.float32)
+            if logits is not None:
+                top = logits.softmax(dim=1).topk(k, dim=1)
+                idx[ok] = top.indices.cpu().numpy()
+                score[ok] = top.values.cpu().numpy()
+            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+            names = self.categories[idx.reshape(-1)]
+            cols[C.CLASS_INDEX] = pa.array(idx[:, 0], mask=~ok)
+            cols[C.CLASS_NAME] = pa.array(names[::k], pa.string(), mask=~ok)
+            cols[C.SCORE] = pa.array(score[:, 0], mask=~ok)
+            cols[C.TOPK_INDEX] = pa.ListArray.from_arrays(offsets, idx.reshape(-1), mask=missing)
+            cols[C.TOPK_NAME] = pa.ListArray.from_arrays(
+                offsets, pa.array(names, pa.string()), mask=missing
+            )
+            cols[C.TOPK_SCORE] = pa.ListArray.from_arrays(offsets, score.reshape(-1), mask=missing)
+        if C.wants_features(self.spec.task):
+            emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)
+            if feats is not None:
+                if self.spec.normalize:
+                    feats = torch.nn.functional.normalize(feats, dim=1)
+                emb[ok] = feats.cpu().numpy()
+            cols[C.EMBEDDING] = pa.FixedSizeListArray.from_arrays(
+                emb.reshape(-1), self.spec.embedding_dim, mask=missing
+            )
+        cols[C.MODEL] = pa.array([self.spec.model] * n, pa.string())
+        cols[C.WEIGHTS] = pa.array([self.spec.weights_tag] * n, pa.string())
+        return pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)

@@ -1,0 +1,237 @@
+"""Wiring: ``prepare`` checks everything cheap on the driver, ``build`` chains the lazy
+stages, ``run`` adds the sink and the summary.
+
+    read_shard ─► decode_batch ─► Predictor (actor pool) ─► write_parquet
+    (CPU tasks, fused)            (one model per actor)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from pipeline import columns as C
+from pipeline import models, sinks, sources
+from pipeline.config import ConfigError, RunConfig
+from pipeline.decode import Preprocess, decode_batch
+from pipeline.predict import Predictor, PredictorSpec, cpu_threads, pick_device, resolve_precision
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Plan:
+    """What the driver settled before starting any Ray work."""
+
+    config: RunConfig
+    listing: sources.Listing
+    weights: models.ResolvedWeights
+    precision: str
+
+    @property
+    def schema(self):
+        w = self.weights
+        meta = sinks.provenance(w.model, w.tag, self.config.model.task, w.preprocessing(), self.precision)
+        return C.output_schema(self.config.model.task, w.embedding_dim, meta)
+
+
+@dataclass(frozen=True)
+class Summary:
+    input_files: int
+    skipped_files: int
+    rows: int
+    ok: int
+    errors: int
+    seconds: float
+    output: str
+    files: tuple[str, ...]
+    weights: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        return [
+            f"rows      {self.rows} ({self.ok} ok, {self.errors} error) from {self.input_files} input files"
+            + (f", {self.skipped_files} other files skipped" if self.skipped_files else ""),
+            f"speed     {self.images_per_second:.1f} images/s ({self.seconds:.1f} s)",
+            f"weights   {self.weights}",
+            f"output    {self.output} ({len(self.files)} Parquet files)",
+        ]
+
+
+def prepare(config: RunConfig) -> Plan:
+    """Validates input, output and weights, cheapest first; no Ray, no model built.
+
+    Raises:
+        ValueError (InputError, OutputError, WeightsError, ConfigError): one line each.
+    """
+    so = config.storage_options
+    listing = sources.list_input(config.source.input, config.source.format, so)
+    _check_output_shape(config)
+    m = config.model
+    weights = models.resolve(m.name, m.weights, m.labels, m.resize_size, m.crop_size, so)
+    precision = resolve_precision(m.precision, _device(config))
+    sinks.check_output(config.sink.output, config.sink.overwrite, so)
+    return Plan(config, listing, weights, precision)
+
+
+def _check_output_shape(config: RunConfig) -> None:
+    out = config.sink.output.rstrip("/")
+    if out == config.source.input.rstrip("/"):
+        raise ConfigError(f"--output {config.sink.output} is the input; choose another folder")
+
+
+def _device(config: RunConfig) -> "object":
+    return pick_device("cuda" if config.compute.num_gpus_per_actor > 0 else "cpu")
+
+
+def init_ray() -> bool:
+    """Joins ``RAY_ADDRESS`` when set, otherwise starts a local Ray. True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _check_reservations(config: RunConfig) -> None:
+    """Over-reserving CPUs makes Ray Data wait forever with no error: refuse it up front."""
+    import ray
+
+    c = config.compute
+    cpus = ray.cluster_resources().get("CPU", 0)
+    reserved = c.actors[1] * c.cpus_per_actor
+    if cpus and reserved > cpus - 1:
+        raise ConfigError(
+            f"--actors {c.actors[1]} x --cpus-per-actor {c.cpus_per_actor:g} reserves {reserved:g} "
+            f"of the cluster's {cpus:g} CPUs and leaves none for reading, decoding and writing; "
+            "lower --actors or --cpus-per-actor"
+        )
+    if c.num_gpus_per_actor > 0:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < c.num_gpus_per_actor:
+            raise ConfigError(
+                f"--num-gpus-per-actor {c.num_gpus_per_actor:g} but the cluster has {gpus:g} GPUs"
+            )
+
+
+def predictor_spec(plan: Plan, state_dict) -> PredictorSpec:
+    c, m, w = plan.config.compute, plan.config.model, plan.weights
+    threads = c.threads_per_actor
+    if threads is None and c.num_gpus_per_actor == 0:
+        # The model takes the node's cores, shared between the actors a node may hold.
+        threads = max(1, cpu_threads() // c.actors[1])
+    return PredictorSpec(
+        model=w.model,
+        weights_tag=w.tag,
+        num_classes=w.num_classes,
+        embedding_dim=w.embedding_dim,
+        state_dict=state_dict,
+        mean=tuple(w.transforms.mean),
+        std=tuple(w.transforms.std),
+        categories=tuple(w.categories),
+        task=m.task,
+        top_k=m.top_k,
+        normalize=m.normalize,
+        precision=plan.precision,
+        device="cuda" if c.num_gpus_per_actor > 0 else "cpu",
+        threads=threads,
+        schema_metadata=plan.schema.metadata,
+    )
+
+
+def decode_cpus(cpus_per_actor: float) -> float:
+    """CPUs reserved per read+decode task.
+
+    Half a CPU: decoding is light next to the model, so on a 2-core node two decode
+    tasks, or a decode and a write task, fit beside a one-CPU model actor. It must also
+    differ from the actor's reservation: Ray fuses a task stage into the next actor
+    stage when their resources match, and decoding would then run serially with the
+    model inside the actor instead of overlapping with it.
+    """
+    return 0.25 if cpus_per_actor == 0.5 else 0.5
+
+
+def _read(batch, *, image_column: str, id_column: str, storage_options: dict):
+    for fmt, root, uris, size in zip(batch["format"], batch["root"], batch["uris"], batch["size"], strict=True):
+        shard = sources.Shard(str(fmt), str(root), tuple(str(u) for u in uris), int(size))
+        yield from sources.read_shard(shard, image_column, id_column, storage_options)
+
+
+def build(plan: Plan):
+    """The lazy dataset: shards → rows → decoded uint8 → predictions (nothing runs yet)."""
+    import ray
+
+    cfg = plan.config
+    shards = sources.shards(plan.listing)
+    items = [{"format": s.format, "root": s.root, "uris": list(s.uris), "size": s.size} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    cpus = decode_cpus(cfg.compute.cpus_per_actor)
+    ds = ds.map_batches(
+        _read,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cpus,
+        fn_kwargs={
+            "image_column": cfg.source.image_column,
+            "id_column": cfg.source.id_column,
+            "storage_options": cfg.storage_options,
+        },
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        batch_format="numpy",
+        num_cpus=cpus,
+        fn_kwargs={
+            "spec": Preprocess.from_transforms(plan.weights.transforms),
+            "max_pixels": cfg.source.max_pixels,
+        },
+    )
+    c = cfg.compute
+    spec = predictor_spec(plan, ray.put(plan.weights.state_dict))
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"spec": spec},
+        compute=ray.data.ActorPoolStrategy(min_size=c.actors[0], max_size=c.actors[1]),
+        batch_size=c.batch_size,
+        batch_format="numpy",
+        num_cpus=c.cpus_per_actor,
+        num_gpus=c.num_gpus_per_actor,
+    )
+
+
+def run(config: RunConfig, plan: Plan | None = None) -> Summary:
+    """Runs the whole job and reads back what it wrote."""
+    plan = plan or prepare(config)
+    started_here = init_ray()
+    try:
+        _check_reservations(config)
+        t0 = time.perf_counter()
+        ds = build(plan)
+        sinks.write_parquet(ds, config.sink.output, plan.schema, config.sink.rows_per_file, config.storage_options)
+        seconds = time.perf_counter() - t0
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    written = sinks.read_back(config.sink.output, config.storage_options)
+    return Summary(
+        input_files=len(plan.listing.files),
+        skipped_files=plan.listing.skipped,
+        rows=written.rows,
+        ok=written.ok,
+        errors=written.errors,
+        seconds=seconds,
+        output=config.sink.output,
+        files=written.files,
+        weights=f"{plan.weights.tag} ({plan.weights.pretrained_source})",
+    )

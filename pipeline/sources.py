@@ -1,0 +1,292 @@
+"""Stage 1: input URI + format → shards → rows of (id, source, bytes).
+
+Listing runs on the driver with fsspec (one recursive LIST per prefix on object stores,
+no HEAD per object) and fails early with one clear line. Reading runs in Ray tasks:
+``read_shards`` turns one *shard* (a tar, a Parquet file, or a chunk of image files)
+into rows, streaming.
+
+Why not ``ray.data.read_webdataset`` / ``read_parquet`` / ``read_binary_files``: the
+output contract needs one row per input image even when a whole shard is unreadable,
+ids of the form ``<file>#<row>`` for Parquet without an id column, and a per-shard
+record (URI, size) that the nightly job keys its bookkeeping on. One small reader per
+format, on the same fsspec file systems, gives all three.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import columns as C
+from pipeline.decode import IMAGE_EXTENSIONS
+
+FORMATS = ("auto", "images", "webdataset", "parquet")
+TAR_EXTENSIONS = (".tar",)
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+
+# Image files per read task for folders: enough to amortise a task, small enough to spread.
+FILES_PER_SHARD = 64
+# Rows per batch that a reader yields; bounds a reader's memory on large shards.
+ROWS_PER_BATCH = 64
+
+READ_SCHEMA = pa.schema(
+    [
+        pa.field(C.ID, pa.string()),
+        pa.field(C.SOURCE, pa.string()),
+        pa.field(C.BYTES, pa.binary()),
+        pa.field(C.ERROR, pa.string()),
+    ]
+)
+
+
+class InputError(ValueError):
+    """The input cannot be listed, is empty, or is of an unknown format."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of reading: a tar, a Parquet file, or a chunk of image files."""
+
+    format: str
+    root: str  # the input root, for ids relative to it
+    uris: tuple[str, ...]
+    size: int  # bytes, from the listing
+
+
+@dataclass(frozen=True)
+class Listing:
+    format: str
+    root: str
+    files: tuple[tuple[str, int], ...]  # (uri, size)
+    skipped: int  # files under the root that are not of the format
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset-style brace expansion: ``shard-{000..009}.tar``, ``{a,b}.tar``."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [p for opt in options for p in expand_braces(head + opt + tail)]
+
+
+def _has_ext(path: str, exts: tuple[str, ...]) -> bool:
+    return path.lower().endswith(exts)
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+
+def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None) -> Listing:
+    """Lists the input files and settles the format.
+
+    Raises:
+        InputError: nothing there, nothing of the format, or an unknown format.
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    fs, _ = fsspec.core.url_to_fs(expand_braces(uri)[0], **(storage_options or {}))
+    found: dict[str, int] = {}
+    root = None
+    for pattern in expand_braces(uri):
+        path = fs._strip_protocol(pattern)
+        try:
+            if any(ch in path for ch in "*?["):
+                hits = fs.glob(path, detail=True)
+                base = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
+                entries = {p: d for p, d in hits.items() if d.get("type") != "directory"}
+            elif fs.isdir(path):
+                base = path.rstrip("/")
+                entries = fs.find(path, detail=True)
+            else:
+                info = fs.info(path)
+                base = path.rsplit("/", 1)[0]
+                entries = {path: info}
+        except FileNotFoundError:
+            raise InputError(f"input not found: {pattern}") from None
+        except PermissionError as e:
+            raise InputError(f"input not readable: {pattern} ({e})") from None
+        root = root if root is not None else base
+        for p, d in entries.items():
+            if not _hidden(p, base):
+                found[p] = int(d.get("size") or 0)
+    if not found:
+        raise InputError(f"input is empty: {uri}")
+
+    fmt = _detect(found, uri) if fmt == "auto" else fmt
+    exts = {"images": IMAGE_EXTENSIONS, "webdataset": TAR_EXTENSIONS, "parquet": PARQUET_EXTENSIONS}[fmt]
+    files = tuple((fs.unstrip_protocol(p), s) for p, s in sorted(found.items()) if _has_ext(p, exts))
+    if not files:
+        raise InputError(f"no {fmt} files ({', '.join(exts)}) under {uri}")
+    return Listing(fmt, fs.unstrip_protocol(root), files, skipped=len(found) - len(files))
+
+
+def _detect(found: dict[str, int], uri: str) -> str:
+    counts = {
+        "webdataset": sum(_has_ext(p, TAR_EXTENSIONS) for p in found),
+        "parquet": sum(_has_ext(p, PARQUET_EXTENSIONS) for p in found),
+        "images": sum(_has_ext(p, IMAGE_EXTENSIONS) for p in found),
+    }
+    if counts["webdataset"] and counts["parquet"]:
+        raise InputError(f"{uri} mixes tar shards and Parquet files; pass --format")
+    for fmt in ("webdataset", "parquet", "images"):
+        if counts[fmt]:
+            return fmt
+    raise InputError(f"no image files, tar shards or Parquet files under {uri}")
+
+
+def shards(listing: Listing) -> list[Shard]:
+    """Groups the listing into read units: one per tar or Parquet file, chunks of images."""
+    if listing.format != "images":
+        return [Shard(listing.format, listing.root, (u,), s) for u, s in listing.files]
+    out = []
+    for i in range(0, len(listing.files), FILES_PER_SHARD):
+        chunk = listing.files[i : i + FILES_PER_SHARD]
+        out.append(
+            Shard("images", listing.root, tuple(u for u, _ in chunk), sum(s for _, s in chunk))
+        )
+    return out
+
+
+def relative_id(uri: str, root: str) -> str:
+    root = root.rstrip("/") + "/"
+    return uri[len(root) :] if uri.startswith(root) else uri.rsplit("/", 1)[-1]
+
+
+def read_shard(
+    shard: Shard,
+    image_column: str = "image",
+    id_column: str = "id",
+    storage_options: dict | None = None,
+) -> Iterator[pa.Table]:
+    """Yields tables of READ_SCHEMA; a row has bytes, or an error saying why it has none."""
+    fs, _ = fsspec.core.url_to_fs(shard.uris[0], **(storage_options or {}))
+    if shard.format == "images":
+        rows = _image_rows(fs, shard)
+    elif shard.format == "webdataset":
+        rows = _tar_rows(fs, shard)
+    else:
+        rows = _parquet_rows(fs, shard, image_column, id_column)
+    while batch := list(itertools.islice(rows, ROWS_PER_BATCH)):
+        yield pa.Table.from_pylist(
+            [dict(zip(READ_SCHEMA.names, r, strict=True)) for r in batch], schema=READ_SCHEMA
+        )
+
+
+Row = tuple  # (id, source, bytes | None, error | None)
+
+
+def _image_rows(fs, shard: Shard) -> Iterator[Row]:
+    paths = [fs._strip_protocol(u) for u in shard.uris]
+    # cat() on many paths fetches them concurrently on object stores.
+    data = fs.cat(paths, on_error="return")
+    for uri, path in zip(shard.uris, paths, strict=True):
+        value = data.get(path, FileNotFoundError(path))
+        rid = relative_id(uri, shard.root)
+        if isinstance(value, BaseException):
+            yield rid, uri, None, f"cannot read file: {type(value).__name__}: {value}"[:300]
+        else:
+            yield rid, uri, bytes(value), None
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the path up to the first dot of the file name."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, (ext.lower() if dot else "")
+
+
+def _pick_image(members: dict[str, bytes]) -> str | None:
+    for ext in IMAGE_EXTENSIONS:
+        if ext.lstrip(".") in members:
+            return ext.lstrip(".")
+    return None
+
+
+def _tar_rows(fs, shard: Shard) -> Iterator[Row]:
+    uri = shard.uris[0]
+    key, members = None, {}
+
+    def emit(key, members):
+        ext = _pick_image(members)
+        if ext is None:
+            have = ", ".join(sorted(members)) or "nothing"
+            return key, uri, None, f"sample has no image member (has {have})"
+        return key, uri, members[ext], None
+
+    seen = 0
+    try:
+        with fs.open(fs._strip_protocol(uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = _split_key(info.name)
+                if k.rsplit("/", 1)[-1].startswith((".", "_")):
+                    continue  # tar metadata such as ._* AppleDouble files
+                if k != key and key is not None:
+                    seen += 1
+                    yield emit(key, members)
+                    members = {}
+                key = k
+                members[ext] = tar.extractfile(info).read()
+            if key is not None:
+                seen += 1
+                yield emit(key, members)
+    except Exception as e:
+        # The rest of the shard is unreadable: one row stands for it, so nothing vanishes.
+        yield f"{relative_id(uri, shard.root)}#after-{seen}", uri, None, (
+            f"unreadable tar shard after {seen} samples: {type(e).__name__}: {e}"[:300]
+        )
+
+
+def _parquet_rows(fs, shard: Shard, image_column: str, id_column: str) -> Iterator[Row]:
+    uri = shard.uris[0]
+    name = relative_id(uri, shard.root)
+    try:
+        f = fs.open(fs._strip_protocol(uri), "rb")
+        pf = pq.ParquetFile(f)
+    except Exception as e:
+        yield name, uri, None, f"unreadable Parquet file: {type(e).__name__}: {e}"[:300]
+        return
+    with f:
+        names = pf.schema_arrow.names
+        if image_column not in names:
+            for row in range(pf.metadata.num_rows):
+                yield f"{name}#{row}", uri, None, f"no column {image_column!r} in this file"
+            return
+        cols = [image_column] + ([id_column] if id_column in names else [])
+        row = 0
+        for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, columns=cols):
+            images = batch.column(image_column)
+            if pa.types.is_struct(images.type):  # Hugging Face datasets Image(): {bytes, path}
+                images = images.field("bytes")
+            ids = (
+                batch.column(id_column).cast(pa.string()).to_pylist()
+                if id_column in names
+                else [None] * batch.num_rows
+            )
+            for data, rid in zip(images.to_pylist(), ids, strict=True):
+                rid = rid if rid is not None else f"{name}#{row}"
+                row += 1
+                if data is None:
+                    yield rid, uri, None, "no image bytes (null)"
+                else:
+                    yield rid, uri, data, None
