@@ -41,8 +41,21 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
             "labels are meaningless, the run still exercises every stage"
         )
     return main(
-        ["run", "--input", args.samples, "--output", args.output, "--overwrite",
-         "--task", "both", "--model", args.model, "--weights", weights, *rest]
+        [
+            "run",
+            "--input",
+            args.samples,
+            "--output",
+            args.output,
+            "--overwrite",
+            "--task",
+            "both",
+            "--model",
+            args.model,
+            "--weights",
+            weights,
+            *rest,
+        ]
     )
 
 

@@ -22,15 +22,30 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     io.add_argument("--input", help="folder, file, glob or brace pattern; a local path or any fsspec URI")
     io.add_argument("--output", help="folder URI for the Parquet files")
     io.add_argument("--format", default="auto", help="auto | images | webdataset | parquet (default: auto)")
-    io.add_argument("--image-column", default="image", help="Parquet input: image bytes column (default: image)")
-    io.add_argument("--id-column", default="id", help="Parquet input: id column (default: id; absent: <file>#<row>)")
-    io.add_argument("--max-pixels", type=int, default=None, help="larger images become error rows (default: Pillow's 89478485)")
-    io.add_argument("--rows-per-file", type=int, default=100_000, help="rows per output file (default: 100000)")
+    io.add_argument(
+        "--image-column", default="image", help="Parquet input: image bytes column (default: image)"
+    )
+    io.add_argument(
+        "--id-column",
+        default="id",
+        help="Parquet input: id column (default: id; absent: <file>#<row>)",
+    )
+    io.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="larger images become error rows (default: Pillow's 89478485)",
+    )
+    io.add_argument(
+        "--rows-per-file", type=int, default=100_000, help="rows per output file (default: 100000)"
+    )
     io.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
     m = p.add_argument_group("model")
     m.add_argument("--task", default="both", help="classify | features | both (default: both)")
-    m.add_argument("--model", default="resnet50", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
+    m.add_argument(
+        "--model", default="resnet50", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152"
+    )
     m.add_argument(
         "--weights",
         default="DEFAULT",
@@ -42,14 +57,24 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     m.add_argument("--resize-size", type=int, help="override the resize of the shorter side")
     m.add_argument("--crop-size", type=int, help="override the center crop")
-    m.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)")
+    m.add_argument(
+        "--precision",
+        default="auto",
+        help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)",
+    )
 
     c = p.add_argument_group("compute")
     c.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
     c.add_argument("--actors", default="1", help="model actors, MIN[,MAX] to autoscale (default: 1)")
     c.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="0 on CPU; 1 or a fraction on GPU")
-    c.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)")
-    c.add_argument("--threads-per-actor", type=int, help="torch threads on CPU (default: the node's cores / actors)")
+    c.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)"
+    )
+    c.add_argument(
+        "--threads-per-actor",
+        type=int,
+        help="torch threads on CPU (default: the node's cores / actors)",
+    )
 
     p.add_argument("--config", help="YAML or TOML file of these options; flags override it")
     return p
@@ -162,9 +187,12 @@ def run_command(args: argparse.Namespace) -> int:
         plan = run.prepare(config)
     except ValueError as e:
         return fail(str(e))
-    print(f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
-          f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
-          f"task {config.model.task}, precision {plan.precision}", file=sys.stderr)
+    print(
+        f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
+        f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
+        f"task {config.model.task}, precision {plan.precision}",
+        file=sys.stderr,
+    )
     try:
         summary = run.run(config, plan)
     except ValueError as e:  # e.g. CPU reservations that cannot fit the cluster

@@ -71,5 +71,8 @@ def output_schema(task: str, embedding_dim: int, metadata: dict[str, str] | None
         ]
     if wants_features(task):
         fields.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_dim)))
-    fields += [pa.field(MODEL, pa.string(), nullable=False), pa.field(WEIGHTS, pa.string(), nullable=False)]
+    fields += [
+        pa.field(MODEL, pa.string(), nullable=False),
+        pa.field(WEIGHTS, pa.string(), nullable=False),
+    ]
     return pa.schema(fields, metadata=metadata)

@@ -71,8 +71,7 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError(
-                    f"image has {width}x{height}={width * height} pixels, above the limit "
-                    f"of {max_pixels}"
+                    f"image has {width}x{height}={width * height} pixels, above the limit of {max_pixels}"
                 )
             img.load()  # Forces the full decode: a truncated file fails here, not later.
             img = ImageOps.exif_transpose(img)

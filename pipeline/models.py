@@ -86,10 +86,8 @@ def torchvision_weights(model: str, spec: str) -> tvm.WeightsEnum:
     """Looks up ``ResNet50_Weights.IMAGENET1K_V2``, ``IMAGENET1K_V1`` or ``DEFAULT``."""
     enum = tvm.get_model_weights(model)
     try:
-        if "." in spec:
-            weights = tvm.get_weight(spec)
-        else:
-            weights = enum[spec] if spec != "DEFAULT" else enum.DEFAULT
+        # DEFAULT is an alias member of each weights enum, so enum["DEFAULT"] resolves it.
+        weights = tvm.get_weight(spec) if "." in spec else enum[spec]
     except (KeyError, ValueError, AttributeError):
         names = ", ".join(["DEFAULT"] + [w.name for w in enum])
         raise WeightsError(f"unknown weights {spec!r} for {model}; choose one of {names}") from None

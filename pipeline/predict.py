@@ -102,7 +102,7 @@ class Predictor:
     @torch.inference_mode()
     def forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (N, H, W, 3) → (features float32 (N, D), logits float32 (N, classes))."""
-        x = torch.from_numpy(np.ascontiguousarray(images))
+        x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         # NHWC memory permuted to NCHW is already channels_last: no copy.
@@ -142,9 +142,7 @@ class Predictor:
             cols[C.CLASS_NAME] = pa.array(names[::k], pa.string(), mask=~ok)
             cols[C.SCORE] = pa.array(score[:, 0], mask=~ok)
             cols[C.TOPK_INDEX] = pa.ListArray.from_arrays(offsets, idx.reshape(-1), mask=missing)
-            cols[C.TOPK_NAME] = pa.ListArray.from_arrays(
-                offsets, pa.array(names, pa.string()), mask=missing
-            )
+            cols[C.TOPK_NAME] = pa.ListArray.from_arrays(offsets, pa.array(names, pa.string()), mask=missing)
             cols[C.TOPK_SCORE] = pa.ListArray.from_arrays(offsets, score.reshape(-1), mask=missing)
         if C.wants_features(self.spec.task):
             emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)

@@ -85,7 +85,7 @@ def _check_output_shape(config: RunConfig) -> None:
         raise ConfigError(f"--output {config.sink.output} is the input; choose another folder")
 
 
-def _device(config: RunConfig) -> "object":
+def _device(config: RunConfig) -> object:
     return pick_device("cuda" if config.compute.num_gpus_per_actor > 0 else "cpu")
 
 
@@ -161,7 +161,9 @@ def decode_cpus(cpus_per_actor: float) -> float:
 
 
 def _read(batch, *, image_column: str, id_column: str, storage_options: dict):
-    for fmt, root, uris, size in zip(batch["format"], batch["root"], batch["uris"], batch["size"], strict=True):
+    for fmt, root, uris, size in zip(
+        batch["format"], batch["root"], batch["uris"], batch["size"], strict=True
+    ):
         shard = sources.Shard(str(fmt), str(root), tuple(str(u) for u in uris), int(size))
         yield from sources.read_shard(shard, image_column, id_column, storage_options)
 
@@ -216,7 +218,9 @@ def run(config: RunConfig, plan: Plan | None = None) -> Summary:
         _check_reservations(config)
         t0 = time.perf_counter()
         ds = build(plan)
-        sinks.write_parquet(ds, config.sink.output, plan.schema, config.sink.rows_per_file, config.storage_options)
+        sinks.write_parquet(
+            ds, config.sink.output, plan.schema, config.sink.rows_per_file, config.storage_options
+        )
         seconds = time.perf_counter() - t0
     finally:
         if started_here:

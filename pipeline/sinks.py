@@ -40,9 +40,7 @@ def check_output(uri: str, overwrite: bool, storage_options: dict | None = None)
     fs.rm(path, recursive=True)
 
 
-def provenance(
-    model: str, weights: str, task: str, preprocessing: dict, precision: str
-) -> dict[str, str]:
+def provenance(model: str, weights: str, task: str, preprocessing: dict, precision: str) -> dict[str, str]:
     """File-level key-value metadata written into every output file's footer."""
     import ray
     import torch
@@ -114,9 +112,7 @@ class Written:
 def read_back(uri: str, storage_options: dict | None = None) -> Written:
     """Counts what a Parquet reader sees under ``uri`` (files whose names start with _ or . are not data)."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    files = sorted(
-        p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p[len(path) :])
-    )
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p[len(path) :]))
     if not files:
         return Written((), 0, 0, 0)
     table = pq.read_table(files, columns=[C.STATUS], filesystem=_arrow_fs(uri, storage_options))

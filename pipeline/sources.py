@@ -131,7 +131,11 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
         raise InputError(f"input is empty: {uri}")
 
     fmt = _detect(found, uri) if fmt == "auto" else fmt
-    exts = {"images": IMAGE_EXTENSIONS, "webdataset": TAR_EXTENSIONS, "parquet": PARQUET_EXTENSIONS}[fmt]
+    exts = {
+        "images": IMAGE_EXTENSIONS,
+        "webdataset": TAR_EXTENSIONS,
+        "parquet": PARQUET_EXTENSIONS,
+    }[fmt]
     files = tuple((fs.unstrip_protocol(p), s) for p, s in sorted(found.items()) if _has_ext(p, exts))
     if not files:
         raise InputError(f"no {fmt} files ({', '.join(exts)}) under {uri}")
@@ -159,9 +163,7 @@ def shards(listing: Listing) -> list[Shard]:
     out = []
     for i in range(0, len(listing.files), FILES_PER_SHARD):
         chunk = listing.files[i : i + FILES_PER_SHARD]
-        out.append(
-            Shard("images", listing.root, tuple(u for u, _ in chunk), sum(s for _, s in chunk))
-        )
+        out.append(Shard("images", listing.root, tuple(u for u, _ in chunk), sum(s for _, s in chunk)))
     return out
 
 
@@ -234,7 +236,10 @@ def _tar_rows(fs, shard: Shard) -> Iterator[Row]:
 
     seen = 0
     try:
-        with fs.open(fs._strip_protocol(uri), "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with (
+            fs.open(fs._strip_protocol(uri), "rb") as f,
+            tarfile.open(fileobj=f, mode="r|*") as tar,
+        ):
             for info in tar:
                 if not info.isfile():
                     continue
@@ -252,8 +257,11 @@ def _tar_rows(fs, shard: Shard) -> Iterator[Row]:
                 yield emit(key, members)
     except Exception as e:
         # The rest of the shard is unreadable: one row stands for it, so nothing vanishes.
-        yield f"{relative_id(uri, shard.root)}#after-{seen}", uri, None, (
-            f"unreadable tar shard after {seen} samples: {type(e).__name__}: {e}"[:300]
+        yield (
+            f"{relative_id(uri, shard.root)}#after-{seen}",
+            uri,
+            None,
+            (f"unreadable tar shard after {seen} samples: {type(e).__name__}: {e}"[:300]),
         )
 
 

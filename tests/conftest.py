@@ -1,0 +1,194 @@
+"""Shared fixtures: small real images of every kind, checkpoints, a local Ray, a reference model."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torchvision import models as tvm
+from torchvision.transforms._presets import ImageClassification
+
+from pipeline.samples import photo_like
+
+# Good images: id → bytes. Every mode and format the decoder must turn into RGB.
+GOOD = {}
+# Broken inputs: id → bytes. Each must become an error row.
+BROKEN = {}
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _build_inputs() -> None:
+    base = photo_like(1, (320, 240))
+    GOOD["good/cat.jpg"] = _encode(base, "JPEG", quality=90)
+    GOOD["good/UPPER.JPG"] = _encode(photo_like(2, (240, 320)), "JPEG", quality=90)
+    GOOD["good/dog.png"] = _encode(photo_like(3, (300, 300)), "PNG")
+    GOOD["good/bird.webp"] = _encode(photo_like(4, (256, 200)), "WEBP", quality=90)
+    GOOD["good/fish.bmp"] = _encode(photo_like(5, (200, 256)), "BMP")
+    GOOD["good/anim.gif"] = _encode(photo_like(6, (240, 240)).convert("P"), "GIF")
+    GOOD["good/scan.tiff"] = _encode(photo_like(7, (260, 230)), "TIFF")
+    GOOD["modes/gray.png"] = _encode(base.convert("L"), "PNG")
+    GOOD["modes/gray_alpha.png"] = _encode(base.convert("LA"), "PNG")
+    GOOD["modes/rgba.png"] = _encode(base.convert("RGBA"), "PNG")
+    GOOD["modes/cmyk.jpg"] = _encode(base.convert("CMYK"), "JPEG", quality=90)
+    ramp = (np.linspace(0, 65535, 240 * 320).reshape(240, 320)).astype(np.uint16)
+    GOOD["modes/deep16.png"] = _encode(Image.fromarray(ramp), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    GOOD["modes/rotated.jpg"] = _encode(photo_like(8, (320, 240)), "JPEG", quality=90, exif=exif)
+
+    jpeg = GOOD["good/cat.jpg"]
+    BROKEN["bad/empty.jpg"] = b""
+    BROKEN["bad/truncated.jpg"] = jpeg[: len(jpeg) // 2]
+    BROKEN["bad/not_image.png"] = b"this is plain text, not a picture\n" * 10
+    BROKEN["bad/page.jpg"] = b"<!DOCTYPE html><html><body>404 Not Found</body></html>"
+
+
+_build_inputs()
+ALL = {**GOOD, **BROKEN}
+# Good RGB photo-like images that the fidelity checks compare with torchvision.
+FIDELITY_IDS = [
+    "good/cat.jpg",
+    "good/UPPER.JPG",
+    "good/dog.png",
+    "good/bird.webp",
+    "modes/rotated.jpg",
+]
+
+
+@pytest.fixture(scope="session")
+def images_dir(tmp_path_factory) -> str:
+    """A folder of every input kind, with a nested folder and a file that is not an image."""
+    root = tmp_path_factory.mktemp("images")
+    for rel, data in ALL.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (root / "notes.txt").write_text("not an input")
+    return str(root)
+
+
+def write_tar(path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def wds_samples() -> list[tuple[str, dict[str, bytes]]]:
+    """WebDataset samples keyed like the folder ids (without extension), with a label member."""
+    out = []
+    for rel, data in ALL.items():
+        key, ext = rel.rsplit(".", 1)
+        out.append((key, {ext.lower(): data, "cls": b"3"}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def wds_dir(tmp_path_factory) -> str:
+    """Two shards named for a brace pattern: shard-000000.tar, shard-000001.tar."""
+    root = tmp_path_factory.mktemp("wds")
+    samples = wds_samples()
+    half = len(samples) // 2
+    write_tar(str(root / "shard-000000.tar"), samples[:half])
+    write_tar(str(root / "shard-000001.tar"), samples[half:])
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def parquet_dir(tmp_path_factory) -> str:
+    """Parquet with a binary ``image`` column and an ``id`` column, in two files."""
+    root = tmp_path_factory.mktemp("pq")
+    items = list(ALL.items())
+    half = len(items) // 2
+    for i, part in enumerate((items[:half], items[half:])):
+        table = pa.table({"id": [k for k, _ in part], "image": pa.array([v for _, v in part], pa.binary())})
+        pq.write_table(table, str(root / f"part-{i}.parquet"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def hf_parquet_dir(tmp_path_factory) -> str:
+    """Hugging Face datasets layout: ``img`` struct {bytes, path}, no id column."""
+    root = tmp_path_factory.mktemp("hf")
+    items = list(ALL.items())
+    struct = pa.array(
+        [{"bytes": v, "path": k} for k, v in items],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
+    pq.write_table(pa.table({"img": struct, "label": list(range(len(items)))}), str(root / "train.parquet"))
+    return str(root)
+
+
+def calibrated_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with BatchNorm statistics set from photo-like images.
+
+    Random BN statistics leave activations far from unit scale; calibrating them keeps
+    the features and logits in the range of a trained model, so comparisons mean something.
+    """
+    torch.manual_seed(seed)
+    model = tvm.get_model(name, weights=None)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # spread the logits so top-k order is well defined
+    preset = ImageClassification(crop_size=224, resize_size=256)
+    batch = torch.stack([preset(photo_like(100 + i)) for i in range(16)])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration pass
+    model.train()
+    with torch.no_grad():
+        model(batch)
+    return model.eval().state_dict()
+
+
+@pytest.fixture(scope="session")
+def resnet18_checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    torch.save(calibrated_state_dict("resnet18"), path)
+    return str(path)
+
+
+def reference(name: str, checkpoint: str, images: dict[str, bytes], transforms=None):
+    """torchvision's model and preset, run directly: id → (features, softmax probabilities)."""
+    from PIL import ImageOps
+
+    model = tvm.get_model(name, weights=None)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model.eval()
+    fc = model.fc
+    model.fc = torch.nn.Identity()
+    transforms = transforms or ImageClassification(crop_size=224, resize_size=256)
+    out = {}
+    with torch.inference_mode():
+        for key, data in images.items():
+            img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+            feats = model(transforms(img).unsqueeze(0))
+            out[key] = (feats[0].numpy(), fc(feats).softmax(1)[0].numpy())
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the end-to-end tests, like the 2-core machines it must fit."""
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

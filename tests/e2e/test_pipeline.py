@@ -1,0 +1,185 @@
+"""End to end on a local Ray (2 CPUs): every input format and task, checked against torchvision."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import columns as C
+from pipeline.cli import config_from_args, get_args_parser, parse_args
+from pipeline.run import run
+from tests.conftest import ALL, BROKEN, FIDELITY_IDS, reference
+
+pytestmark = pytest.mark.e2e
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_pipeline(*argv):
+    config = config_from_args(parse_args(get_args_parser(), ["run", *argv]))
+    return run(config)
+
+
+def read_output(folder):
+    files = sorted(glob.glob(os.path.join(folder, "*.parquet")))
+    assert files, f"no Parquet under {folder}"
+    return pq.read_table(files), files
+
+
+# format → (input, extra flags, input id → output id)
+FORMATS = {
+    "images": ("{images_dir}", [], lambda k: k),
+    "webdataset": ("{wds_dir}/shard-{{000000..000001}}.tar", [], lambda k: k.rsplit(".", 1)[0]),
+    "parquet": ("{parquet_dir}", [], lambda k: k),
+    "hf-parquet": (
+        "{hf_parquet_dir}",
+        ["--image-column", "img"],
+        lambda k: f"train.parquet#{list(ALL).index(k)}",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def expected(resnet18_checkpoint):
+    return reference("resnet18", resnet18_checkpoint, {k: ALL[k] for k in FIDELITY_IDS})
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_gives_every_row_once_and_torchvision_numbers(
+    fmt, request, tmp_path, ray_cluster, resnet18_checkpoint, expected
+):
+    pattern, extra, to_id = FORMATS[fmt]
+    fixtures = {
+        n: request.getfixturevalue(n) for n in ("images_dir", "wds_dir", "parquet_dir", "hf_parquet_dir")
+    }
+    out = str(tmp_path / "out")
+    summary = run_pipeline(
+        "--input",
+        pattern.format(**fixtures),
+        "--output",
+        out,
+        "--model",
+        "resnet18",
+        "--weights",
+        resnet18_checkpoint,
+        "--batch-size",
+        "8",
+        *extra,
+    )
+    table, _ = read_output(out)
+
+    schema = C.output_schema("both", 512)
+    assert table.schema.equals(schema, check_metadata=False)
+    meta = table.schema.metadata
+    assert meta[b"pipeline.model"] == b"resnet18"
+    assert meta[b"pipeline.weights"].startswith(b"sha256:")
+    assert (
+        b"torchvision" in meta[b"pipeline.versions"]
+        and b'"crop_size": [224]' in meta[b"pipeline.preprocessing"]
+    )
+
+    ids = table[C.ID].to_pylist()
+    assert sorted(ids) == sorted(to_id(k) for k in ALL)  # every input exactly once
+    assert (summary.rows, summary.ok, summary.errors) == (
+        len(ALL),
+        len(ALL) - len(BROKEN),
+        len(BROKEN),
+    )
+    rows = {r[C.ID]: r for r in table.to_pylist()}
+    for key in BROKEN:
+        row = rows[to_id(key)]
+        assert row[C.STATUS] == "error" and row[C.ERROR] and row[C.EMBEDDING] is None
+    for key in set(ALL) - set(BROKEN):
+        assert rows[to_id(key)][C.STATUS] == "ok", rows[to_id(key)][C.ERROR]
+
+    for key, (feats, probs) in expected.items():
+        row = rows[to_id(key)]
+        np.testing.assert_allclose(row[C.EMBEDDING], feats, rtol=1e-4, atol=1e-4 * np.abs(feats).max())
+        top = np.argsort(-probs)[:5]
+        assert row[C.TOPK_INDEX] == top.tolist() and row[C.CLASS_INDEX] == top[0]
+        np.testing.assert_allclose(row[C.TOPK_SCORE], probs[top], rtol=1e-4, atol=1e-6)
+
+
+def test_classify_task_and_file_sizing(tmp_path, ray_cluster, images_dir, resnet18_checkpoint):
+    out = str(tmp_path / "out")
+    run_pipeline(
+        "--input",
+        images_dir,
+        "--output",
+        out,
+        "--task",
+        "classify",
+        "--model",
+        "resnet18",
+        "--weights",
+        resnet18_checkpoint,
+        "--rows-per-file",
+        "5",
+        "--top-k",
+        "3",
+    )
+    table, files = read_output(out)
+    assert table.schema.equals(C.output_schema("classify", 512), check_metadata=False)
+    assert table.num_rows == len(ALL)
+    sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    assert len(files) >= 3 and max(sizes) <= 5, sizes
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert {len(v) for v in table[C.TOPK_INDEX].to_pylist() if v is not None} == {3}
+
+
+def test_resnet50_features_are_2048_and_overwrite_replaces(tmp_path, ray_cluster, images_dir):
+    out = str(tmp_path / "out")
+    for _ in range(2):  # the second run replaces the first
+        run_pipeline(
+            "--input",
+            f"{images_dir}/good",
+            "--output",
+            out,
+            "--task",
+            "features",
+            "--normalize",
+            "--model",
+            "resnet50",
+            "--weights",
+            "none",
+            "--overwrite",
+        )
+    table, _ = read_output(out)
+    assert table.schema.equals(C.output_schema("features", 2048), check_metadata=False)
+    assert table.num_rows == len([k for k in ALL if k.startswith("good/")])
+    emb = np.array(table[C.EMBEDDING].to_pylist())
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert set(table[C.WEIGHTS].to_pylist()) == {"none"}
+
+
+def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, images_dir, resnet18_checkpoint):
+    """jobs/extract_features.py as a separate driver, joining the running cluster."""
+    out = str(tmp_path / "out")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "jobs/extract_features.py"),
+            "--input",
+            f"{images_dir}/bad",
+            "--output",
+            out,
+            "--model",
+            "resnet18",
+            "--weights",
+            resnet18_checkpoint,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"rows      {len(BROKEN)} (0 ok, {len(BROKEN)} error)" in proc.stdout
+    table, _ = read_output(out)
+    assert table.schema.equals(C.output_schema("features", 512), check_metadata=False)
+    assert sorted(table[C.ID].to_pylist()) == sorted(k.removeprefix("bad/") for k in BROKEN)

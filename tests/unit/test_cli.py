@@ -1,0 +1,129 @@
+"""Bad arguments and inputs: one line on stderr, exit 2, before Ray or any model starts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_version():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == "python -m pipeline 0.1.0"
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    return str(tmp_path / "out")
+
+
+CASES = {
+    "missing input": (
+        ["--input", "/nonexistent/shards"],
+        "error: input not found: /nonexistent/shards",
+    ),
+    "unknown model": (["--model", "resnet42"], "error: unknown model 'resnet42'"),
+    "unknown task": (["--task", "segment"], "error: unknown task 'segment'"),
+    "unknown format": (["--format", "zip"], "error: unknown format 'zip'"),
+    "bad actors": (["--actors", "3,1"], "error: --actors needs 1 <= MIN <= MAX, got 3,1"),
+    "bad checkpoint": (["--weights", "{tmp}/nope.pth"], "error: checkpoint not found"),
+    "unknown weights": (
+        ["--weights", "IMAGENET9K"],
+        "error: unknown weights 'IMAGENET9K' for resnet50",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_arguments_give_one_line(case, images_dir, tmp_path, capsys):
+    extra, expected = CASES[case]
+    args = ["run", "--input", images_dir, "--output", str(tmp_path / "out"), "--weights", "none"]
+    code = cli.main([*args, *[a.replace("{tmp}", str(tmp_path)) for a in extra]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(expected), err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_real_process_prints_no_traceback(tmp_path):
+    out = run_cli("run", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: input not found: {tmp_path / 'nothing'}"
+
+
+def test_empty_input_and_existing_output(tmp_path, images_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["run", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: input is empty")
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.parquet").write_bytes(b"x")
+    args = ["run", "--input", images_dir, "--output", str(tmp_path / "o"), "--weights", "none"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: output {tmp_path / 'o'} exists and is not empty; pass --overwrite to replace it"
+    assert (tmp_path / "o" / "old.parquet").exists()
+
+
+def parse(argv):
+    return cli.parse_args(cli.get_args_parser(), argv)
+
+
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".yaml", "model: resnet18\nbatch-size: 8\nactors: [1, 2]\ntop_k: 3\n"),
+        (".toml", 'model = "resnet18"\nbatch-size = 8\nactors = "1,2"\ntop_k = 3\n'),
+    ],
+)
+def test_config_file_then_flags_override(tmp_path, suffix, text):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    args = parse(["run", "--config", str(path), "--input", "x", "--output", "y", "--batch-size", "16"])
+    cfg = cli.config_from_args(args)
+    assert cfg.model.name == "resnet18" and cfg.model.top_k == 3
+    assert cfg.compute.actors == (1, 2)
+    assert cfg.compute.batch_size == 16  # the flag wins over the file
+
+
+def test_config_file_unknown_key(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("modle: resnet18\n")
+    assert cli.main(["run", "--config", str(tmp_path / "c.yaml"), "--input", "x", "--output", "y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: unknown option 'modle' in config file {tmp_path / 'c.yaml'}"
+
+
+@pytest.mark.parametrize("job", ["jobs/classify.py", "jobs/extract_features.py"])
+def test_jobs_take_the_same_flags(job, tmp_path):
+    """Run as a script from a bare folder, as `ray job submit` does: no install needed."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, job),
+            "--input",
+            str(tmp_path / "none"),
+            "--output",
+            "o",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: input not found: {tmp_path / 'none'}"

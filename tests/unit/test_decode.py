@@ -1,0 +1,93 @@
+"""bytes → uint8 RGB at the model's input size, or an error reason."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+from torchvision.transforms._presets import ImageClassification
+
+from pipeline import columns as C
+from pipeline.decode import DecodeError, Preprocess, decode, decode_batch, open_rgb
+from tests.conftest import BROKEN, GOOD
+
+SPEC = Preprocess(resize_size=256, crop_size=224)
+
+
+@pytest.mark.parametrize("key", sorted(GOOD))
+def test_every_mode_and_format_becomes_rgb_at_crop_size(key):
+    out = decode(GOOD[key], SPEC)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert out.std() > 1  # real content, not a blank frame
+
+
+@pytest.mark.parametrize(
+    "key, reason",
+    [
+        ("bad/empty.jpg", "empty file"),
+        ("bad/truncated.jpg", "truncated"),
+        ("bad/not_image.png", "not a recognised image"),
+        ("bad/page.jpg", "not a recognised image"),
+    ],
+)
+def test_broken_inputs_raise_a_short_reason(key, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode(BROKEN[key], SPEC)
+
+
+def test_pixel_limit_is_an_error_before_decoding():
+    data = GOOD["good/cat.jpg"]  # 320x240 = 76800 pixels
+    with pytest.raises(DecodeError, match="above the limit of 76799"):
+        decode(data, SPEC, max_pixels=76_799)
+    assert decode(data, SPEC, max_pixels=76_800).shape == (224, 224, 3)
+
+
+def test_exif_orientation_is_applied():
+    img = open_rgb(GOOD["modes/rotated.jpg"])
+    assert img.size == (240, 320)  # stored 320x240, orientation 6 turns it upright
+
+
+def test_16_bit_is_scaled_not_clipped():
+    arr = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    rgb = np.asarray(open_rgb(buf.getvalue()))
+    assert rgb[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    rgb = np.asarray(open_rgb(buf.getvalue()))
+    assert tuple(rgb[0, 0]) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("key", ["good/cat.jpg", "good/dog.png", "modes/gray.png"])
+def test_uint8_then_normalize_equals_torchvision_preset(key):
+    """Our CPU half plus the actor's half is exactly torchvision's ImageClassification."""
+    preset = ImageClassification(crop_size=224, resize_size=256)
+    img = open_rgb(GOOD[key])
+    expected = preset(img)
+    x = torch.from_numpy(decode(GOOD[key], Preprocess.from_transforms(preset))).permute(2, 0, 1)
+    ours = TF.normalize(TF.convert_image_dtype(x, torch.float32), preset.mean, preset.std)
+    assert torch.equal(ours, expected)
+
+
+def test_decode_batch_keeps_every_row_and_the_readers_errors():
+    batch = {
+        C.ID: np.array(["a", "b", "c"], dtype=object),
+        C.SOURCE: np.array(["s"] * 3, dtype=object),
+        C.BYTES: np.array([GOOD["good/cat.jpg"], BROKEN["bad/page.jpg"], None], dtype=object),
+        # Ray hands an all-null column over as NaNs; the reader's own reasons are strings.
+        C.ERROR: np.array([np.nan, np.nan, "cannot read file"], dtype=object),
+    }
+    out = decode_batch(batch, SPEC)
+    assert out[C.STATUS].tolist() == ["ok", "error", "error"]
+    assert out[C.ERROR][0] is None
+    assert "not a recognised image" in out[C.ERROR][1]
+    assert out[C.ERROR][2] == "cannot read file"
+    assert out[C.IMAGE].shape == (3, 224, 224, 3)
+    assert out[C.IMAGE][0].std() > 1 and not out[C.IMAGE][1:].any()

@@ -1,0 +1,91 @@
+"""The actor's callable class, run in-process: contract, error rows, equality with torchvision."""
+
+import numpy as np
+import pytest
+
+from pipeline import columns as C
+from pipeline import models
+from pipeline.decode import Preprocess, decode_batch
+from pipeline.predict import Predictor, PredictorSpec
+from tests.conftest import ALL, FIDELITY_IDS, reference
+
+
+def make_predictor(weights, task="both", **kw) -> Predictor:
+    return Predictor(
+        PredictorSpec(
+            model=weights.model,
+            weights_tag=weights.tag,
+            num_classes=weights.num_classes,
+            embedding_dim=weights.embedding_dim,
+            state_dict=weights.state_dict,
+            mean=tuple(weights.transforms.mean),
+            std=tuple(weights.transforms.std),
+            categories=tuple(weights.categories),
+            task=task,
+            **kw,
+        )
+    )
+
+
+def decoded(weights, keys):
+    batch = {
+        C.ID: np.array(keys, dtype=object),
+        C.SOURCE: np.array(["file:///x"] * len(keys), dtype=object),
+        C.BYTES: np.array([ALL[k] for k in keys], dtype=object),
+        C.ERROR: np.array([None] * len(keys), dtype=object),
+    }
+    return decode_batch(batch, Preprocess.from_transforms(weights.transforms))
+
+
+@pytest.fixture(scope="module")
+def weights(resnet18_checkpoint):
+    return models.resolve("resnet18", resnet18_checkpoint)
+
+
+def test_both_matches_torchvision_and_keeps_error_rows(weights, resnet18_checkpoint):
+    keys = FIDELITY_IDS + ["bad/truncated.jpg"]
+    table = make_predictor(weights)(decoded(weights, keys))
+    assert table.schema.equals(C.output_schema("both", 512), check_metadata=False)
+    rows = {r[C.ID]: r for r in table.to_pylist()}
+    bad = rows.pop("bad/truncated.jpg")
+    assert bad[C.STATUS] == "error" and "truncated" in bad[C.ERROR]
+    assert all(bad[c] is None for c in (C.CLASS_INDEX, C.TOPK_INDEX, C.EMBEDDING))
+    assert bad[C.WEIGHTS] == weights.tag
+
+    ref = reference("resnet18", resnet18_checkpoint, {k: ALL[k] for k in FIDELITY_IDS})
+    for key, (feats, probs) in ref.items():
+        row = rows[key]
+        np.testing.assert_allclose(row[C.EMBEDDING], feats, rtol=1e-4, atol=1e-4 * np.abs(feats).max())
+        top = np.argsort(-probs)[:5]
+        assert row[C.TOPK_INDEX] == top.tolist()
+        np.testing.assert_allclose(row[C.TOPK_SCORE], probs[top], rtol=1e-4, atol=1e-6)
+        assert row[C.CLASS_INDEX] == top[0] and row[C.SCORE] == row[C.TOPK_SCORE][0]
+        assert row[C.TOPK_NAME] == [weights.categories[i] for i in top]
+        assert row[C.TOPK_SCORE] == sorted(row[C.TOPK_SCORE], reverse=True)
+
+
+def test_classify_only_and_top_k(weights):
+    table = make_predictor(weights, task="classify", top_k=3)(decoded(weights, FIDELITY_IDS[:2]))
+    assert C.EMBEDDING not in table.column_names
+    assert all(len(v) == 3 for v in table[C.TOPK_INDEX].to_pylist())
+
+
+def test_features_normalized(weights):
+    table = make_predictor(weights, task="features", normalize=True)(decoded(weights, FIDELITY_IDS[:2]))
+    assert C.CLASS_INDEX not in table.column_names
+    emb = np.array(table[C.EMBEDDING].to_pylist())
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_batch_of_only_errors(weights):
+    table = make_predictor(weights)(decoded(weights, ["bad/empty.jpg", "bad/page.jpg"]))
+    assert table[C.STATUS].to_pylist() == ["error", "error"]
+    assert table[C.EMBEDDING].null_count == 2
+
+
+def test_bf16_stays_close_to_fp32(weights):
+    batch = decoded(weights, FIDELITY_IDS)
+    fp32 = np.array(make_predictor(weights, precision="fp32")(batch)[C.EMBEDDING].to_pylist())
+    bf16 = np.array(make_predictor(weights, precision="bf16")(batch)[C.EMBEDDING].to_pylist())
+    cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cos.min() > 0.99

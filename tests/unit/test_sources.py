@@ -1,0 +1,134 @@
+"""Listing, format detection and the three readers, without Ray."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import columns as C
+from pipeline.sources import InputError, expand_braces, list_input, read_shard, shards
+from tests.conftest import ALL, BROKEN, GOOD, write_tar
+
+
+def rows(listing, image_column="image"):
+    out = []
+    for shard in shards(listing):
+        for table in read_shard(shard, image_column=image_column, id_column="id"):
+            out += table.to_pylist()
+    return out
+
+
+def test_expand_braces():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}/x-{1..2}") == ["a/x-1", "a/x-2", "b/x-1", "b/x-2"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_folder_ids_are_relative_paths_with_any_case_extension(images_dir):
+    listing = list_input(images_dir)
+    assert listing.format == "images"
+    assert listing.skipped == 1  # notes.txt
+    got = rows(listing)
+    assert sorted(r[C.ID] for r in got) == sorted(ALL)
+    by_id = {r[C.ID]: r for r in got}
+    assert by_id["good/cat.jpg"][C.BYTES] == GOOD["good/cat.jpg"]
+    assert by_id["good/cat.jpg"][C.SOURCE].startswith("file://")
+    assert by_id["bad/empty.jpg"][C.BYTES] == b""
+
+
+def test_single_file_and_glob(images_dir):
+    assert [u for u, _ in list_input(f"{images_dir}/good/cat.jpg").files] == [
+        f"file://{images_dir}/good/cat.jpg"
+    ]
+    assert len(list_input(f"{images_dir}/good/*.jpg").files) == 1  # cat.jpg (UPPER.JPG is *.JPG)
+
+
+def test_webdataset_brace_pattern_picks_the_image_member(wds_dir):
+    listing = list_input(f"{wds_dir}/shard-{{000000..000001}}.tar")
+    assert listing.format == "webdataset" and len(listing.files) == 2
+    got = {r[C.ID]: r for r in rows(listing)}
+    assert sorted(got) == sorted(k.rsplit(".", 1)[0] for k in ALL)
+    assert got["good/cat"][C.BYTES] == GOOD["good/cat.jpg"]
+    assert got["good/UPPER"][C.BYTES] == GOOD["good/UPPER.JPG"]
+    assert got["good/cat"][C.SOURCE].endswith("shard-000000.tar")
+
+
+def test_webdataset_sample_without_image_and_truncated_shard(tmp_path):
+    write_tar(str(tmp_path / "a.tar"), [("k1", {"jpg": GOOD["good/cat.jpg"]}), ("k2", {"json": b"{}"})])
+    got = {r[C.ID]: r for r in rows(list_input(str(tmp_path)))}
+    assert got["k1"][C.ERROR] is None
+    assert "no image member (has json)" in got["k2"][C.ERROR]
+
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(data[: len(data) // 3])  # cut inside k1's bytes
+    got = rows(list_input(str(tmp_path)))
+    assert len(got) == 1 and got[0][C.BYTES] is None
+    assert "unreadable tar shard after 0 samples" in got[0][C.ERROR]
+
+
+def test_parquet_binary_column_with_ids(parquet_dir):
+    listing = list_input(parquet_dir)
+    assert listing.format == "parquet"
+    got = {r[C.ID]: r for r in rows(listing)}
+    assert sorted(got) == sorted(ALL)
+    assert got["bad/truncated.jpg"][C.BYTES] == BROKEN["bad/truncated.jpg"]
+
+
+def test_parquet_hf_struct_without_id_column(hf_parquet_dir):
+    listing = list_input(hf_parquet_dir)
+    got = [(r[C.ID], r[C.BYTES]) for r in rows(listing, image_column="img")]
+    assert [i for i, _ in got] == [f"train.parquet#{n}" for n in range(len(ALL))]
+    assert [b for _, b in got] == list(ALL.values())
+
+
+def test_parquet_missing_image_column_and_null_bytes(tmp_path):
+    pq.write_table(
+        pa.table({"id": ["x", "y"], "image": pa.array([None, b"abc"], pa.binary())}),
+        tmp_path / "a.parquet",
+    )
+    pq.write_table(pa.table({"pixels": [b"1", b"2", b"3"]}), tmp_path / "b.parquet")
+    got = {r[C.ID]: r[C.ERROR] for r in rows(list_input(str(tmp_path)))}
+    assert got == {
+        "x": "no image bytes (null)",
+        "y": None,
+        "b.parquet#0": "no column 'image' in this file",
+        "b.parquet#1": "no column 'image' in this file",
+        "b.parquet#2": "no column 'image' in this file",
+    }
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "missing"), "input not found"),
+        (lambda p: str(p), "input is empty"),
+        (
+            lambda p: (p / "x.txt").write_text("x") and str(p),
+            "no image files, tar shards or Parquet",
+        ),
+    ],
+)
+def test_bad_inputs_fail_with_one_clear_error(tmp_path, make, message):
+    with pytest.raises(InputError, match=message):
+        list_input(make(tmp_path))
+
+
+def test_mixed_tar_and_parquet_needs_format(tmp_path, parquet_dir):
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.parquet").write_bytes(b"")
+    with pytest.raises(InputError, match="mixes tar shards and Parquet"):
+        list_input(str(tmp_path))
+    assert list_input(str(tmp_path), "parquet").format == "parquet"
+
+
+def test_unknown_format():
+    with pytest.raises(InputError, match="unknown format 'zip'"):
+        list_input("/tmp", "zip")
+
+
+def test_images_are_grouped_into_shards(tmp_path):
+    from pipeline import sources
+
+    for i in range(sources.FILES_PER_SHARD + 3):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"x")
+    parts = shards(list_input(str(tmp_path)))
+    assert [len(s.uris) for s in parts] == [sources.FILES_PER_SHARD, 3]
