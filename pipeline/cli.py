@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline import __version__
+from pipeline.storage import storage_options
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -40,6 +41,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--rows-per-file", type=int, default=100_000, help="rows per output file (default: 100000)"
     )
     io.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    io.add_argument(
+        "--s3-endpoint-url",
+        help="S3-compatible endpoint (MinIO, Ceph, R2); default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL",
+    )
+    io.add_argument("--s3-anonymous", action="store_true", help="read public buckets without credentials")
 
     m = p.add_argument_group("model")
     m.add_argument("--task", default="both", help="classify | features | both (default: both)")
@@ -94,17 +100,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Reads a YAML or TOML options file; keys are flag names, with - or _."""
-    import fsspec
-
+def load_config_file(path: str, parser: argparse.ArgumentParser, storage_options: dict) -> dict:
+    """Reads a YAML or TOML options file (any fsspec URI); keys are flag names, with - or _."""
     from pipeline.config import ConfigError
+    from pipeline.storage import open_file
 
     try:
-        with fsspec.open(path, "rb") as f:
+        with open_file(path, "rb", storage_options) as f:
             raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
         if path.endswith(".toml"):
             import tomllib
@@ -132,7 +139,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     """Parses twice when --config is given: the file's values become defaults, flags win."""
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
-        parser.run_parser.set_defaults(**load_config_file(args.config, parser.run_parser))
+        options = storage_options(args.s3_endpoint_url, args.s3_anonymous)
+        parser.run_parser.set_defaults(**load_config_file(args.config, parser.run_parser, options))
         args = parser.parse_args(argv)
     return args
 
@@ -168,6 +176,7 @@ def config_from_args(args: argparse.Namespace):
             crop_size=args.crop_size,
             precision=args.precision,
         ),
+        storage_options=storage_options(args.s3_endpoint_url, args.s3_anonymous),
         compute=ComputeConfig(
             batch_size=args.batch_size,
             actors=parse_actors(args.actors),

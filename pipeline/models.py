@@ -172,10 +172,10 @@ def _checkpoint_transforms(
 
 
 def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
-    import fsspec
+    from pipeline.storage import open_file
 
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        with open_file(uri, "rb", storage_options) as f:
             return f.read()
     except FileNotFoundError:
         raise WeightsError(f"checkpoint not found: {uri}") from None

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 
 from pipeline import columns as C
 from pipeline import models, sinks, sources
@@ -48,19 +51,36 @@ class Summary:
     output: str
     files: tuple[str, ...]
     weights: str
+    run_id: str = ""
+    stages: dict[str, float] = field(default_factory=dict)  # Ray Data operator → wall seconds
+    report: str = ""
 
     @property
     def images_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["images_per_second"] = round(self.images_per_second, 3)
+        return d
+
     def lines(self) -> list[str]:
-        return [
+        out = [
             f"rows      {self.rows} ({self.ok} ok, {self.errors} error) from {self.input_files} input files"
             + (f", {self.skipped_files} other files skipped" if self.skipped_files else ""),
-            f"speed     {self.images_per_second:.1f} images/s ({self.seconds:.1f} s)",
-            f"weights   {self.weights}",
-            f"output    {self.output} ({len(self.files)} Parquet files)",
+            f"speed     {self.images_per_second:.1f} images/s ({self.seconds:.1f} s wall)",
         ]
+        out += [f"stage     {name}: {secs:.1f} s" for name, secs in self.stages.items()]
+        out += [f"weights   {self.weights}", f"output    {self.output} ({len(self.files)} Parquet files)"]
+        if self.report:
+            out.append(f"report    {self.report}")
+        return out
+
+
+def stage_times(stats: str) -> dict[str, float]:
+    """Wall time per operator from ``Dataset.stats()`` (its "Operator N name: ... in Xs" lines)."""
+    found = re.findall(r"^Operator \d+ (.+?): .*? in ([\d.]+)s\s*$", stats, flags=re.MULTILINE)
+    return {name: float(secs) for name, secs in found}
 
 
 def prepare(config: RunConfig) -> Plan:
@@ -210,32 +230,48 @@ def build(plan: Plan):
     )
 
 
+def new_run_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
 def run(config: RunConfig, plan: Plan | None = None) -> Summary:
-    """Runs the whole job and reads back what it wrote."""
+    """Runs the whole job, reads back what it committed, and writes the run report."""
     plan = plan or prepare(config)
+    run_id = new_run_id()
+    so, sink = config.storage_options, config.sink
     started_here = init_ray()
     try:
         _check_reservations(config)
         t0 = time.perf_counter()
         ds = build(plan)
-        sinks.write_parquet(
-            ds, config.sink.output, plan.schema, config.sink.rows_per_file, config.storage_options
-        )
+        sinks.write_parquet(ds, sink.output, plan.schema, sink.rows_per_file, run_id, sink.overwrite, so)
         seconds = time.perf_counter() - t0
+        stages = stage_times(ds.stats())
     finally:
         if started_here:
             import ray
 
             ray.shutdown()
-    written = sinks.read_back(config.sink.output, config.storage_options)
-    return Summary(
+    written = sinks.read_back(sink.output, so)
+    summary = Summary(
         input_files=len(plan.listing.files),
         skipped_files=plan.listing.skipped,
         rows=written.rows,
         ok=written.ok,
         errors=written.errors,
         seconds=seconds,
-        output=config.sink.output,
+        output=sink.output,
         files=written.files,
         weights=f"{plan.weights.tag} ({plan.weights.pretrained_source})",
+        run_id=run_id,
+        stages=stages,
     )
+    report = {
+        **summary.as_dict(),
+        "input": config.source.input,
+        "format": plan.listing.format,
+        "model": plan.weights.model,
+        "task": config.model.task,
+        "precision": plan.precision,
+    }
+    return replace(summary, report=sinks.write_report(sink.output, report, so))

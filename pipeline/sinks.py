@@ -1,18 +1,25 @@
-"""Stage 5: Parquet out: the explicit schema, provenance metadata, file naming, the output check."""
+"""Stage 5: Parquet out: the explicit schema, provenance metadata, file naming, the output check.
+
+Writes are staged, then committed. Ray writes every file under ``<output>/_staging-<run>/``
+(a path Parquet readers skip); only when the whole dataset is written are the files moved
+to ``<output>/``: a rename on local disks, a server-side copy on object stores, so each
+file appears whole or not at all, and a failed run leaves nothing a reader would pick up.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import columns as C
+from pipeline.storage import is_hidden, url_to_fs
 
 COMPRESSION = "zstd"
 METADATA_PREFIX = "pipeline."
@@ -22,22 +29,33 @@ class OutputError(ValueError):
     """The output location is not usable (exists and is not empty, not writable)."""
 
 
+STAGING_PREFIX = "_staging-"
+REPORT_NAME = "_report.json"
+
+
 def check_output(uri: str, overwrite: bool, storage_options: dict | None = None) -> None:
-    """Refuses an existing, non-empty output unless ``overwrite``; then clears it.
+    """Refuses an output that holds data unless ``overwrite``. Changes nothing.
+
+    Leftovers of failed runs (``_staging-*``) do not count as data.
 
     Raises:
-        OutputError: the output holds files and ``overwrite`` is false.
+        OutputError: the output holds data files and ``overwrite`` is false, or is a file,
+            or cannot be listed.
     """
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if not fs.exists(path):
-        return
-    if not fs.isdir(path):
-        raise OutputError(f"output {uri} exists and is a file; pass a folder URI")
-    if not fs.find(path):
-        return
-    if not overwrite:
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        if not fs.exists(path):
+            bucket = path.split("/", 1)[0]
+            if "://" in uri and not uri.startswith("file://") and not fs.exists(bucket):
+                raise OutputError(f"output bucket {bucket} does not exist")
+            return
+        if not fs.isdir(path):
+            raise OutputError(f"output {uri} exists and is a file; pass a folder URI")
+        data = [p for p in fs.find(path) if not is_hidden(p[len(path) :])]
+    except PermissionError as e:
+        raise OutputError(f"output {uri} is not accessible: {e}") from None
+    if data and not overwrite:
         raise OutputError(f"output {uri} exists and is not empty; pass --overwrite to replace it")
-    fs.rm(path, recursive=True)
 
 
 def provenance(model: str, weights: str, task: str, preprocessing: dict, precision: str) -> dict[str, str]:
@@ -80,10 +98,26 @@ def _filename_provider():
     return PartNames(file_format="parquet")
 
 
-def write_parquet(ds, uri: str, schema: pa.Schema, rows_per_file: int, storage_options=None) -> None:
-    """Writes the dataset with the explicit output schema (and its metadata), zstd."""
+def write_parquet(
+    ds,
+    uri: str,
+    schema: pa.Schema,
+    rows_per_file: int,
+    run_id: str,
+    replace: bool = False,
+    storage_options: dict | None = None,
+) -> list[str]:
+    """Writes the dataset (explicit schema and metadata, zstd), staged, then commits it.
+
+    With ``replace``, what the output held before is removed at commit time, so a failed
+    run leaves the previous data in place.
+
+    Returns:
+        The URIs of the committed files.
+    """
+    staging = f"{uri.rstrip('/')}/{STAGING_PREFIX}{run_id}"
     ds.write_parquet(
-        uri,
+        staging,
         filesystem=_arrow_fs(uri, storage_options),
         schema=schema,
         compression=COMPRESSION,
@@ -91,13 +125,44 @@ def write_parquet(ds, uri: str, schema: pa.Schema, rows_per_file: int, storage_o
         max_rows_per_file=rows_per_file,
         filename_provider=_filename_provider(),
     )
+    return commit(staging, uri, replace, storage_options)
+
+
+def commit(staging: str, uri: str, replace: bool = False, storage_options: dict | None = None) -> list[str]:
+    """Moves every finished file from ``staging`` into ``uri``, then removes ``staging``."""
+    fs, staged = url_to_fs(staging, storage_options)
+    _, final = url_to_fs(uri, storage_options)
+    fs.invalidate_cache()
+    if replace:
+        for old in fs.ls(final, detail=False):
+            if old.rstrip("/") != staged.rstrip("/"):
+                fs.rm(old, recursive=True)
+    done = []
+    for src in sorted(p for p in fs.find(staged) if p.endswith(".parquet")):
+        dst = f"{final.rstrip('/')}/{src[len(staged) :].lstrip('/')}"
+        fs.mv(src, dst)  # a rename locally; copy-then-delete (server side) on object stores
+        done.append(fs.unstrip_protocol(dst))
+    # On object stores the "folder" vanished with its last object.
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(staged, recursive=True)
+    return done
+
+
+def write_report(uri: str, report: dict, storage_options: dict | None = None) -> str:
+    """Writes the run report as JSON beside the data, under a name Parquet readers skip."""
+    from pipeline.storage import open_file
+
+    path = f"{uri.rstrip('/')}/{REPORT_NAME}"
+    with open_file(path, "w", storage_options) as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+    return path
 
 
 def _arrow_fs(uri: str, storage_options: dict | None):
     """The fsspec file system behind ``uri``, wrapped for pyarrow (and so for Ray)."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, _ = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, _ = url_to_fs(uri, storage_options)
     return PyFileSystem(FSSpecHandler(fs))
 
 
@@ -111,14 +176,10 @@ class Written:
 
 def read_back(uri: str, storage_options: dict | None = None) -> Written:
     """Counts what a Parquet reader sees under ``uri`` (files whose names start with _ or . are not data)."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p[len(path) :]))
+    fs, path = url_to_fs(uri, storage_options)
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not is_hidden(p[len(path) :]))
     if not files:
         return Written((), 0, 0, 0)
     table = pq.read_table(files, columns=[C.STATUS], filesystem=_arrow_fs(uri, storage_options))
     ok = pc.sum(pc.equal(table[C.STATUS], C.STATUS_OK)).as_py() or 0
     return Written(tuple(fs.unstrip_protocol(p) for p in files), table.num_rows, ok, table.num_rows - ok)
-
-
-def _hidden(relpath: str) -> bool:
-    return any(part.startswith(("_", ".")) for part in relpath.split("/") if part)

@@ -20,12 +20,12 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import columns as C
 from pipeline.decode import IMAGE_EXTENSIONS
+from pipeline.storage import is_hidden, url_to_fs
 
 FORMATS = ("auto", "images", "webdataset", "parquet")
 TAR_EXTENSIONS = (".tar",)
@@ -89,11 +89,6 @@ def _has_ext(path: str, exts: tuple[str, ...]) -> bool:
     return path.lower().endswith(exts)
 
 
-def _hidden(path: str, root: str) -> bool:
-    rel = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
-    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
-
-
 def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None) -> Listing:
     """Lists the input files and settles the format.
 
@@ -102,7 +97,7 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    fs, _ = fsspec.core.url_to_fs(expand_braces(uri)[0], **(storage_options or {}))
+    fs, _ = url_to_fs(expand_braces(uri)[0], storage_options)
     found: dict[str, int] = {}
     root = None
     for pattern in expand_braces(uri):
@@ -125,7 +120,7 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
             raise InputError(f"input not readable: {pattern} ({e})") from None
         root = root if root is not None else base
         for p, d in entries.items():
-            if not _hidden(p, base):
+            if not is_hidden(p[len(base) :] if p.startswith(base) else p.rsplit("/", 1)[-1]):
                 found[p] = int(d.get("size") or 0)
     if not found:
         raise InputError(f"input is empty: {uri}")
@@ -179,7 +174,7 @@ def read_shard(
     storage_options: dict | None = None,
 ) -> Iterator[pa.Table]:
     """Yields tables of READ_SCHEMA; a row has bytes, or an error saying why it has none."""
-    fs, _ = fsspec.core.url_to_fs(shard.uris[0], **(storage_options or {}))
+    fs, _ = url_to_fs(shard.uris[0], storage_options)
     if shard.format == "images":
         rows = _image_rows(fs, shard)
     elif shard.format == "webdataset":

@@ -181,14 +181,52 @@ def reference(name: str, checkpoint: str, images: dict[str, bytes], transforms=N
     return out
 
 
-@pytest.fixture(scope="session")
+# Test-only credentials for the local S3 server. They are set before Ray starts, so
+# workers inherit them as they would inherit an instance role's on a cluster.
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for the end-to-end tests, like the 2-core machines it must fit."""
+    """A local Ray per test module, with 2 CPUs like the machines it must fit."""
     import ray
 
+    os.environ.update(AWS_TEST_ENV)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in-process on 127.0.0.1, port 0, as s3fs's and Ray's own tests use."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_TEST_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """An s3fs file system on the local server, with AWS_ENDPOINT_URL set as a user would."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    yield fs
+    for bucket in fs.ls(""):
+        fs.rm(bucket, recursive=True)
+    fs.invalidate_cache()

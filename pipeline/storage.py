@@ -1,0 +1,72 @@
+"""fsspec options for object stores, settled once on the driver and shipped to the workers.
+
+Credentials are never here: s3fs/botocore take them from the standard AWS chain
+(environment, profile, instance role) in each process. What is here (an endpoint, the
+anonymous flag, the retry policy) is safe to pickle into Ray tasks and is never written
+to output files or reports.
+"""
+
+from __future__ import annotations
+
+import os
+
+# botocore's "standard" retry mode retries throttling (503 SlowDown), 500/502/504,
+# connection resets and read timeouts with exponential backoff and jitter.
+RETRIES = {"max_attempts": 10, "mode": "standard"}
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+
+
+def storage_options(endpoint_url: str | None = None, anonymous: bool = False) -> dict:
+    """Options for every fsspec file system the run opens.
+
+    Args:
+        endpoint_url: an S3-compatible endpoint (MinIO, Ceph, R2). Defaults to
+            ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` from the driver's
+            environment, so workers on other nodes use the same one.
+        anonymous: read public buckets without credentials.
+
+    Returns:
+        A mapping of protocol to keyword arguments, for ``options_for``.
+    """
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    s3: dict = {
+        "config_kwargs": {
+            "retries": dict(RETRIES),
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+        }
+    }
+    if endpoint:
+        s3["endpoint_url"] = endpoint
+    if anonymous:
+        s3["anon"] = True
+    return {"s3": s3}
+
+
+def options_for(uri: str, options: dict | None) -> dict:
+    """The keyword arguments for the file system of ``uri`` (s3a/s3n count as s3)."""
+    if not options:
+        return {}
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol in ("s3a", "s3n"):
+        protocol = "s3"
+    return dict(options.get(protocol, {}))
+
+
+def is_hidden(relpath: str) -> bool:
+    """Parquet readers (pyarrow, Spark, DuckDB) skip paths with a part starting with _ or ."""
+    return any(part.startswith(("_", ".")) for part in relpath.split("/") if part)
+
+
+def url_to_fs(uri: str, options: dict | None = None):
+    """fsspec's ``url_to_fs`` with the run's options for that protocol."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri, **options_for(uri, options))
+
+
+def open_file(uri: str, mode: str = "rb", options: dict | None = None):
+    import fsspec
+
+    return fsspec.open(uri, mode, **options_for(uri, options))
