@@ -7,6 +7,7 @@ before Ray starts or any model is built.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -196,6 +197,8 @@ def run_command(args: argparse.Namespace) -> int:
         plan = run.prepare(config)
     except ValueError as e:
         return fail(str(e))
+    # Which copy of the code runs: on a cluster, Ray's copy of the uploaded working dir.
+    print(f"pipeline {__version__} from {os.path.dirname(os.path.abspath(__file__))}", file=sys.stderr)
     print(
         f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
         f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "

@@ -30,6 +30,7 @@ class FaultProxy:
         self.max_faults = max_faults
         self.reads = 0
         self.faults = {"503": 0, "reset": 0}
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request seen
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -48,7 +49,7 @@ class FaultProxy:
         self._server.server_close()
 
     def _next_fault(self, method: str) -> str | None:
-        if method not in ("GET", "HEAD"):
+        if method not in ("GET", "HEAD") or not self.every:
             return None
         with self._lock:
             self.reads += 1
@@ -82,6 +83,8 @@ class FaultProxy:
 
             def _forward(self):
                 body = self._body()
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
                 fault = proxy._next_fault(self.command)
                 if fault == "reset":
                     # SO_LINGER 0: close() sends RST, as a dropped connection does.

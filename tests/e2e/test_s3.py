@@ -109,6 +109,23 @@ def test_missing_bucket_and_key_fail_before_any_work(s3, capsys, tmp_path):
         assert code == 2 and err.strip() == expected, err
 
 
+def test_listing_is_one_list_per_prefix_not_a_head_per_object(s3, s3_server):
+    from pipeline.sources import list_input
+    from pipeline.storage import storage_options
+
+    s3.mkdir("many")
+    for i in range(50):
+        s3.pipe(f"many/in/sub{i % 5}/{i:03d}.jpg", b"x")
+    proxy = FaultProxy(s3_server, every=0).start()
+    try:
+        listing = list_input("s3://many/in", "auto", storage_options(proxy.url))
+    finally:
+        proxy.stop()
+    assert len(listing.files) == 50
+    per_object = [r for r in proxy.requests if r[1].split("?")[0].endswith(".jpg")]
+    assert per_object == [] and len(proxy.requests) <= 4, proxy.requests
+
+
 def test_transient_faults_are_retried_and_every_row_lands_once(
     s3, s3_server, ray_cluster, resnet18_checkpoint, capsys
 ):
