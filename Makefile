@@ -31,7 +31,7 @@ lint: $(STAMP) ## Format check and lint (ruff)
 	$(VENV)/bin/ruff format --check pipeline jobs tests bench
 	$(VENV)/bin/ruff check pipeline jobs tests bench
 
-bench: $(STAMP) ## Benchmark the pipeline against a plain PyTorch loop (prints a table)
+bench: $(STAMP) ## Benchmark the pipeline against the plain PyTorch loop (about 25 min on 2 cores)
 	$(PY) bench/bench.py
 
 clean: ## Remove generated data and outputs (keeps .venv)

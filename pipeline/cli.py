@@ -77,6 +77,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     c.add_argument(
         "--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)"
     )
+    c.add_argument("--compile", action="store_true", help="torch.compile the model in each actor (GPU)")
     c.add_argument(
         "--threads-per-actor",
         type=int,
@@ -184,6 +185,7 @@ def config_from_args(args: argparse.Namespace):
             num_gpus_per_actor=args.num_gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             threads_per_actor=args.threads_per_actor,
+            compile=args.compile,
         ),
     )
 
@@ -205,6 +207,15 @@ def run_command(args: argparse.Namespace) -> int:
         f"task {config.model.task}, precision {plan.precision}",
         file=sys.stderr,
     )
+    if plan.precision != "fp32" and config.compute.num_gpus_per_actor == 0:
+        from pipeline.predict import cpu_has_native
+
+        if not cpu_has_native(plan.precision):
+            print(
+                f"warning: this CPU has no native {plan.precision} units (AVX512-BF16/AMX): "
+                "it is emulated and slower than fp32",
+                file=sys.stderr,
+            )
     try:
         summary = run.run(config, plan)
     except ValueError as e:  # e.g. CPU reservations that cannot fit the cluster

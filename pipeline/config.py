@@ -67,6 +67,7 @@ class ComputeConfig:
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None
+    compile: bool = False
 
     def __post_init__(self):
         lo, hi = self.actors

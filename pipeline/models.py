@@ -72,6 +72,19 @@ def build(name: str, num_classes: int = 1000) -> torch.nn.Module:
         return tvm.get_model(name, weights=None, num_classes=num_classes)
 
 
+def load(name: str, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The torchvision architecture holding ``state_dict``, built without a random init.
+
+    Building on the meta device and assigning the tensors skips the initialisation that
+    load_state_dict would overwrite anyway (about a second for ResNet-50 on one core).
+    """
+    check_model_name(name)
+    with torch.device("meta"):
+        model = tvm.get_model(name, weights=None, num_classes=int(state_dict["fc.weight"].shape[0]))
+    model.load_state_dict(state_dict, assign=True)
+    return model
+
+
 def is_checkpoint(spec: str) -> bool:
     """A URI, a path that exists, or a file name with a checkpoint extension."""
     return (

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.fx.experimental.optimization import fuse
 from torchvision.transforms import functional as TF
 
 from pipeline import columns as C
@@ -39,6 +40,9 @@ class PredictorSpec:
     top_k: int = 5
     normalize: bool = False
     precision: str = "auto"
+    batch_size: int = 64
+    crop_size: int = 224
+    compile: bool = False  # torch.compile the model (warm-up in __init__)
     device: str = "auto"  # "auto": CUDA when this process was given a GPU, else CPU
     threads: int | None = None  # torch intra-op threads on CPU; None: see cpu_threads()
     schema_metadata: dict[str, str] | None = field(default=None, repr=False)
@@ -57,6 +61,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         # fp32 keeps CPU results equal to torchvision's; GPUs run bf16 at many times the speed.
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def cpu_has_native(precision: str) -> bool:
+    """Whether this CPU runs ``precision`` in hardware (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16).
+
+    Without it, oneDNN emulates the type: measured on 2 AVX2 cores, ResNet-50 in bf16 ran
+    at 1.5 images/s against 9.4 in fp32.
+    """
+    if precision == "fp32":
+        return True
+    cpu = torch.cpu
+    if precision == "bf16":
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    return bool(cpu._is_amx_fp16_supported())
 
 
 def cpu_threads() -> int:
@@ -87,21 +105,48 @@ class Predictor:
             import ray
 
             state_dict = ray.get(state_dict)
-        model = models.build(spec.model, num_classes=spec.num_classes)
-        model.load_state_dict(state_dict)
+        model = models.load(spec.model, state_dict)
         # One forward pass gives both heads: the pooled features, then fc on them.
-        self.fc = model.fc
+        self.fc = model.fc.eval().to(self.device)
         model.fc = torch.nn.Identity()
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
-        self.fc = self.fc.eval().to(self.device)
+        # Folding each BatchNorm into its conv (torch.fx) and channels_last memory: on 2
+        # AVX2 cores ResNet-50 fp32 went from 5.9 to 9.4 images/s, with features within
+        # 1e-6 (relative) of the unfolded model. See bench/README.md.
+        model = fuse(model.eval())
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        # Largest batch that has fit so far; halved on CUDA out-of-memory.
+        self.max_batch = spec.batch_size
+        if spec.compile:
+            self.model = torch.compile(self.model)
+            # Compile now, on a full batch, so its warm-up stays out of the steady state.
+            self.forward(np.zeros((spec.batch_size, spec.crop_size, spec.crop_size, 3), np.uint8))
         self.mean = list(spec.mean)
         self.std = list(spec.std)
         self.categories = np.asarray(spec.categories, dtype=object)
         self.schema = C.output_schema(spec.task, spec.embedding_dim, spec.schema_metadata)
 
-    @torch.inference_mode()
     def forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (N, H, W, 3) → (features float32 (N, D), logits float32 (N, classes))."""
+        """uint8 (N, H, W, 3) → (features float32 (N, D), logits float32 (N, classes)).
+
+        On CUDA out-of-memory the batch is split in halves, down to one image, and the
+        smaller size is kept for the batches that follow.
+        """
+        while True:
+            try:
+                parts = [
+                    self._forward(images[i : i + self.max_batch])
+                    for i in range(0, len(images), self.max_batch)
+                ]
+                break
+            except torch.cuda.OutOfMemoryError:
+                if self.max_batch == 1:
+                    raise
+                self.max_batch = max(1, self.max_batch // 2)
+                torch.cuda.empty_cache()
+        return torch.cat([f for f, _ in parts]), torch.cat([g for _, g in parts])
+
+    @torch.inference_mode()
+    def _forward(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
