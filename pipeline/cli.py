@@ -96,6 +96,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.run_parser = add_run_arguments(sub.add_parser("run", help="run the pipeline"))
+    nightly = add_run_arguments(
+        sub.add_parser("nightly", help="incremental run: only new or changed inputs, into ROOT/dt=<date>/")
+    )
+    nightly.add_argument("--date", help="partition date YYYY-MM-DD (default: today, UTC)")
+    nightly.add_argument(
+        "--max-error-fraction",
+        type=float,
+        default=0.01,
+        help="above this share of broken images: exit non-zero, no _SUCCESS (default: 0.01)",
+    )
+    parser.nightly_parser = nightly
     sample = sub.add_parser("sample", help="write a sample image folder (for make local and tests)")
     sample.add_argument("output", help="folder to create")
     sample.add_argument("--count", type=int, default=64, help="images (default: 64), plus one broken file")
@@ -142,7 +153,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         options = storage_options(args.s3_endpoint_url, args.s3_anonymous)
-        parser.run_parser.set_defaults(**load_config_file(args.config, parser.run_parser, options))
+        sub = parser.nightly_parser if args.command == "nightly" else parser.run_parser
+        sub.set_defaults(**load_config_file(args.config, sub, options))
         args = parser.parse_args(argv)
     return args
 
@@ -194,20 +206,27 @@ def run_command(args: argparse.Namespace) -> int:
     """Validates, runs and prints the summary; the exit code says how it went."""
     from pipeline import run
 
-    try:
+    def go() -> int:
         config = config_from_args(args)
         plan = run.prepare(config)
-    except ValueError as e:
-        return fail(str(e))
-    # Which copy of the code runs: on a cluster, Ray's copy of the uploaded working dir.
+        announce(plan)
+        for line in run.run(config, plan).lines():
+            print(line)
+        return 0
+
+    return guarded(go)
+
+
+def announce(plan) -> None:
+    """The first log lines: which code runs (on a cluster, Ray's copy of the working dir) and on what."""
     print(f"pipeline {__version__} from {os.path.dirname(os.path.abspath(__file__))}", file=sys.stderr)
     print(
         f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
         f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
-        f"task {config.model.task}, precision {plan.precision}",
+        f"task {plan.config.model.task}, precision {plan.precision}",
         file=sys.stderr,
     )
-    if plan.precision != "fp32" and config.compute.num_gpus_per_actor == 0:
+    if plan.precision != "fp32" and plan.config.compute.num_gpus_per_actor == 0:
         from pipeline.predict import cpu_has_native
 
         if not cpu_has_native(plan.precision):
@@ -216,18 +235,37 @@ def run_command(args: argparse.Namespace) -> int:
                 "it is emulated and slower than fp32",
                 file=sys.stderr,
             )
+
+
+def guarded(work) -> int:
+    """Runs ``work``: our ValueErrors (bad input) → one line, exit 2; a failed run → exit 1."""
     try:
-        summary = run.run(config, plan)
-    except ValueError as e:  # e.g. CPU reservations that cannot fit the cluster
-        return fail(str(e))
-    except Exception as e:  # a failed run: Ray has printed the details above
+        return work()
+    except Exception as e:
+        from_ray = type(e).__module__.startswith("ray") or "RayTaskError" in type(e).__name__
+        if isinstance(e, ValueError) and not from_ray:
+            return fail(str(e))
         # A Ray task error's text is a traceback; its last line names the cause.
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         print(f"error: run failed: {last[:300]}", file=sys.stderr)
         return EXIT_RUN_FAILED
-    for line in summary.lines():
-        print(line)
-    return 0
+
+
+def nightly_command(args: argparse.Namespace) -> int:
+    """The incremental job: exit 0 when done (or nothing new), 3 over the error budget."""
+    from datetime import datetime, timezone
+
+    from pipeline.incremental import check_date, run_nightly
+
+    def go() -> int:
+        config = config_from_args(args)
+        date = check_date(args.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+        print(f"pipeline {__version__} from {os.path.dirname(os.path.abspath(__file__))}", file=sys.stderr)
+        result = run_nightly(config, date, args.max_error_fraction)
+        print(result.message, file=sys.stderr if result.exit_code else sys.stdout)
+        return result.exit_code
+
+    return guarded(go)
 
 
 def fail(message: str) -> int:
@@ -241,6 +279,7 @@ def main(argv: Sequence[str] | None = None, defaults: dict | None = None) -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     if defaults:
         parser.run_parser.set_defaults(**defaults)
+        parser.nightly_parser.set_defaults(**defaults)
     try:
         args = parse_args(parser, argv)
     except ValueError as e:
@@ -251,4 +290,6 @@ def main(argv: Sequence[str] | None = None, defaults: dict | None = None) -> int
         written = make_samples(args.output, count=args.count)
         print(f"wrote {len(written)} files to {args.output}")
         return 0
+    if args.command == "nightly":
+        return nightly_command(args)
     return run_command(args)

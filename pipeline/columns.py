@@ -5,7 +5,10 @@ Other teams code against these names and types; change them only with a version 
 
 from __future__ import annotations
 
-import pyarrow as pa
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pyarrow is imported where a schema is built: the GPU bench runs without it
+    import pyarrow as pa
 
 # Columns every row has.
 ID = "id"
@@ -52,6 +55,8 @@ def output_schema(task: str, embedding_dim: int, metadata: dict[str, str] | None
         embedding_dim: length of the pooled feature vector (512 or 2048 for ResNets).
         metadata: file-level key-value metadata written into every Parquet footer.
     """
+    import pyarrow as pa
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     fields = [

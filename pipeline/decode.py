@@ -179,3 +179,45 @@ def text_or_none(values) -> list[str | None]:
     Ray hands an all-null string column to numpy UDFs as float NaNs, not Nones.
     """
     return [v if isinstance(v, str) else None for v in values]
+
+
+def decode_jpeg_batch(datas: list[bytes], spec: Preprocess, device: str = "cuda"):
+    """Batched JPEG decode on ``device`` (nvJPEG on CUDA), then resize and crop there.
+
+    Images that are not JPEG, or that the batched decoder rejects, fall back to the CPU
+    path one by one; those that fail there too get an error reason.
+
+    Returns:
+        (uint8 tensor (N, crop, crop, 3) on ``device``, list of error reasons or None).
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    out = torch.zeros((len(datas), spec.crop_size, spec.crop_size, 3), dtype=torch.uint8, device=device)
+    errors: list[str | None] = [None] * len(datas)
+    jpeg = [i for i, d in enumerate(datas) if d[:3] == b"\xff\xd8\xff"]
+    decoded: dict[int, torch.Tensor] = {}
+    if jpeg:
+        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpeg]
+        try:
+            imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+            decoded = dict(zip(jpeg, imgs, strict=True))
+        except RuntimeError:
+            decoded = {}  # one bad file fails the batch: every JPEG takes the CPU path below
+    for i, data in enumerate(datas):
+        if i in decoded:
+            img = F.resize(
+                decoded[i],
+                [spec.resize_size],
+                interpolation=InterpolationMode(spec.interpolation),
+                antialias=spec.antialias,
+            )
+            out[i] = F.center_crop(img, [spec.crop_size]).permute(1, 2, 0)
+        else:
+            try:
+                out[i] = torch.from_numpy(decode(data, spec).copy()).to(device)
+            except DecodeError as e:
+                errors[i] = str(e)
+    return out, errors

@@ -83,19 +83,24 @@ def stage_times(stats: str) -> dict[str, float]:
     return {name: float(secs) for name, secs in found}
 
 
-def prepare(config: RunConfig) -> Plan:
+def prepare(config: RunConfig, listing: sources.Listing | None = None, check_output: bool = True) -> Plan:
     """Validates input, output and weights, cheapest first; no Ray, no model built.
+
+    Args:
+        listing: an input listing already made (incremental runs pass the new files only).
+        check_output: refuse a non-empty output (incremental runs own theirs).
 
     Raises:
         ValueError (InputError, OutputError, WeightsError, ConfigError): one line each.
     """
     so = config.storage_options
-    listing = sources.list_input(config.source.input, config.source.format, so)
+    listing = listing or sources.list_input(config.source.input, config.source.format, so)
     _check_output_shape(config)
     m = config.model
     weights = models.resolve(m.name, m.weights, m.labels, m.resize_size, m.crop_size, so)
     precision = resolve_precision(m.precision, _device(config))
-    sinks.check_output(config.sink.output, config.sink.overwrite, so)
+    if check_output:
+        sinks.check_output(config.sink.output, config.sink.overwrite, so)
     return Plan(config, listing, weights, precision)
 
 
@@ -237,24 +242,41 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def run(config: RunConfig, plan: Plan | None = None) -> Summary:
-    """Runs the whole job, reads back what it committed, and writes the run report."""
-    plan = plan or prepare(config)
-    run_id = new_run_id()
-    so, sink = config.storage_options, config.sink
+@dataclass(frozen=True)
+class Execution:
+    staged: list[str]  # the staged file paths
+    seconds: float
+    stages: dict[str, float]
+
+
+def execute(plan: Plan, staging: str) -> Execution:
+    """Runs the whole Ray Data chain into ``staging`` (a path readers skip); commits nothing."""
+    config = plan.config
     started_here = init_ray()
     try:
         _check_reservations(config)
         t0 = time.perf_counter()
         ds = build(plan)
-        sinks.write_parquet(ds, sink.output, plan.schema, sink.rows_per_file, run_id, sink.overwrite, so)
+        staged = sinks.write_staged(
+            ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options
+        )
         seconds = time.perf_counter() - t0
-        stages = stage_times(ds.stats())
+        return Execution(staged, seconds, stage_times(ds.stats()))
     finally:
         if started_here:
             import ray
 
             ray.shutdown()
+
+
+def run(config: RunConfig, plan: Plan | None = None) -> Summary:
+    """Runs the whole job, commits it, reads back what it committed, and writes the run report."""
+    plan = plan or prepare(config)
+    run_id = new_run_id()
+    so, sink = config.storage_options, config.sink
+    staging = sinks.staging_dir(sink.output, run_id)
+    ex = execute(plan, staging)
+    sinks.commit(staging, sink.output, sink.overwrite, so)
     written = sinks.read_back(sink.output, so)
     summary = Summary(
         input_files=len(plan.listing.files),
@@ -262,12 +284,12 @@ def run(config: RunConfig, plan: Plan | None = None) -> Summary:
         rows=written.rows,
         ok=written.ok,
         errors=written.errors,
-        seconds=seconds,
+        seconds=ex.seconds,
         output=sink.output,
         files=written.files,
         weights=f"{plan.weights.tag} ({plan.weights.pretrained_source})",
         run_id=run_id,
-        stages=stages,
+        stages=ex.stages,
     )
     report = {
         **summary.as_dict(),

@@ -98,34 +98,28 @@ def _filename_provider():
     return PartNames(file_format="parquet")
 
 
-def write_parquet(
-    ds,
-    uri: str,
-    schema: pa.Schema,
-    rows_per_file: int,
-    run_id: str,
-    replace: bool = False,
-    storage_options: dict | None = None,
-) -> list[str]:
-    """Writes the dataset (explicit schema and metadata, zstd), staged, then commits it.
+def staging_dir(uri: str, run_id: str) -> str:
+    return f"{uri.rstrip('/')}/{STAGING_PREFIX}{run_id}"
 
-    With ``replace``, what the output held before is removed at commit time, so a failed
-    run leaves the previous data in place.
+
+def write_staged(ds, staging: str, schema: pa.Schema, rows_per_file: int, storage_options=None) -> list[str]:
+    """Runs the dataset into Parquet under ``staging`` (a path readers skip).
 
     Returns:
-        The URIs of the committed files.
+        The staged file paths (without protocol).
     """
-    staging = f"{uri.rstrip('/')}/{STAGING_PREFIX}{run_id}"
     ds.write_parquet(
         staging,
-        filesystem=_arrow_fs(uri, storage_options),
+        filesystem=_arrow_fs(staging, storage_options),
         schema=schema,
         compression=COMPRESSION,
         min_rows_per_file=rows_per_file,
         max_rows_per_file=rows_per_file,
         filename_provider=_filename_provider(),
     )
-    return commit(staging, uri, replace, storage_options)
+    fs, path = url_to_fs(staging, storage_options)
+    fs.invalidate_cache()
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet"))
 
 
 def commit(staging: str, uri: str, replace: bool = False, storage_options: dict | None = None) -> list[str]:

@@ -18,7 +18,7 @@ import itertools
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,6 +66,12 @@ class Listing:
     root: str
     files: tuple[tuple[str, int], ...]  # (uri, size)
     skipped: int  # files under the root that are not of the format
+    versions: dict[str, str] = field(default_factory=dict, compare=False)  # uri → size:ETag|mtime
+
+    def only(self, uris: set[str]) -> Listing:
+        """The same listing restricted to ``uris`` (for incremental runs)."""
+        files = tuple(f for f in self.files if f[0] in uris)
+        return replace(self, files=files, versions={u: self.versions[u] for u, _ in files})
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -99,6 +105,7 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     fs, _ = url_to_fs(expand_braces(uri)[0], storage_options)
     found: dict[str, int] = {}
+    versions: dict[str, str] = {}
     root = None
     for pattern in expand_braces(uri):
         path = fs._strip_protocol(pattern)
@@ -122,6 +129,7 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
         for p, d in entries.items():
             if not is_hidden(p[len(base) :] if p.startswith(base) else p.rsplit("/", 1)[-1]):
                 found[p] = int(d.get("size") or 0)
+                versions[p] = _version(d)
     if not found:
         raise InputError(f"input is empty: {uri}")
 
@@ -131,10 +139,22 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
         "webdataset": TAR_EXTENSIONS,
         "parquet": PARQUET_EXTENSIONS,
     }[fmt]
-    files = tuple((fs.unstrip_protocol(p), s) for p, s in sorted(found.items()) if _has_ext(p, exts))
-    if not files:
+    keep = [p for p in sorted(found) if _has_ext(p, exts)]
+    if not keep:
         raise InputError(f"no {fmt} files ({', '.join(exts)}) under {uri}")
-    return Listing(fmt, fs.unstrip_protocol(root), files, skipped=len(found) - len(files))
+    return Listing(
+        fmt,
+        fs.unstrip_protocol(root),
+        tuple((fs.unstrip_protocol(p), found[p]) for p in keep),
+        skipped=len(found) - len(keep),
+        versions={fs.unstrip_protocol(p): versions[p] for p in keep},
+    )
+
+
+def _version(info: dict) -> str:
+    """What tells one version of a file from the next: size plus ETag (object stores) or mtime."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{int(info.get('size') or 0)}:{str(tag).strip(chr(34))}"
 
 
 def _detect(found: dict[str, int], uri: str) -> str:

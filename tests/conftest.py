@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision import models as tvm
 from torchvision.transforms._presets import ImageClassification
 
+from pipeline.fidelity import calibrated_state_dict
 from pipeline.samples import photo_like
 
 # Good images: id → bytes. Every mode and format the decoder must turn into RGB.
@@ -131,28 +132,6 @@ def hf_parquet_dir(tmp_path_factory) -> str:
     )
     pq.write_table(pa.table({"img": struct, "label": list(range(len(items)))}), str(root / "train.parquet"))
     return str(root)
-
-
-def calibrated_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with BatchNorm statistics set from photo-like images.
-
-    Random BN statistics leave activations far from unit scale; calibrating them keeps
-    the features and logits in the range of a trained model, so comparisons mean something.
-    """
-    torch.manual_seed(seed)
-    model = tvm.get_model(name, weights=None)
-    with torch.no_grad():
-        model.fc.weight.mul_(20)  # spread the logits so top-k order is well defined
-    preset = ImageClassification(crop_size=224, resize_size=256)
-    batch = torch.stack([preset(photo_like(100 + i)) for i in range(16)])
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration pass
-    model.train()
-    with torch.no_grad():
-        model(batch)
-    return model.eval().state_dict()
 
 
 @pytest.fixture(scope="session")

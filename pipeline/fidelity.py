@@ -1,0 +1,124 @@
+"""How faithful a fast path is: the actors' Predictor against torchvision run directly.
+
+Used by the fidelity test and by bench/gpu.py. Random weights alone make agreement
+figures meaningless (every image lands on the same few classes), so ``calibrated_state_dict``
+sets BatchNorm statistics from photo-like images and spreads the logits, as a trained
+model's are.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from torchvision import models as tvm
+from torchvision.transforms._presets import ImageClassification
+
+from pipeline.decode import Preprocess, decode, open_rgb
+from pipeline.samples import photo_like
+
+PRESET = ImageClassification(crop_size=224, resize_size=256)
+
+
+def calibrated_state_dict(name: str, seed: int = 0, images: int = 16) -> dict[str, torch.Tensor]:
+    """Seeded random weights with BatchNorm statistics measured on photo-like images."""
+    torch.manual_seed(seed)
+    model = tvm.get_model(name, weights=None)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # logits spread like a trained model's, so top-1 is well defined
+    batch = torch.stack([PRESET(photo_like(100 + i)) for i in range(images)])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the calibration pass
+    model.train()
+    with torch.no_grad():
+        model(batch)
+    return model.eval().state_dict()
+
+
+def jpeg_images(count: int, seed: int = 5000) -> list[bytes]:
+    """Photo-like JPEGs (quality 90, portrait and landscape), as bytes."""
+    out = []
+    for i in range(count):
+        buf = io.BytesIO()
+        photo_like(seed + i, (375, 500) if i % 4 == 3 else (500, 375)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+@torch.inference_mode()
+def torchvision_reference(
+    name: str, state_dict: dict, images: list[bytes], precision: str = "fp32", device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's model and preset on PIL images, with torch.autocast at ``precision``.
+
+    Returns:
+        (features (N, D), softmax probabilities (N, classes)), float32.
+    """
+    model = tvm.get_model(name, weights=None, num_classes=int(state_dict["fc.weight"].shape[0]))
+    model.load_state_dict(state_dict)
+    fc = model.fc
+    model.fc = torch.nn.Identity()
+    model.eval().to(device)
+    fc.to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    feats, probs = [], []
+    for data in images:
+        x = PRESET(open_rgb(data)).unsqueeze(0).to(device)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            f = model(x)
+            p = fc(f).float().softmax(1)
+        feats.append(f.float().cpu().numpy()[0])
+        probs.append(p.cpu().numpy()[0])
+    return np.stack(feats), np.stack(probs)
+
+
+def predictor_outputs(predictor, images: list[bytes], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The pipeline's own path: decode to uint8, then Predictor.forward."""
+    arrays = np.stack([decode(d, Preprocess(256, 224)) for d in images])
+    feats, probs = [], []
+    for i in range(0, len(arrays), batch_size):
+        f, logits = predictor.forward(arrays[i : i + batch_size])
+        feats.append(f.cpu().numpy())
+        probs.append(logits.softmax(1).cpu().numpy())
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def agreement(feats: np.ndarray, probs: np.ndarray, ref_feats: np.ndarray, ref_probs: np.ndarray) -> dict:
+    """Per-image cosine of the features and top-1 agreement with a reference."""
+    cos = (feats * ref_feats).sum(1) / (np.linalg.norm(feats, axis=1) * np.linalg.norm(ref_feats, axis=1))
+    return {
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "top1_agreement": float((probs.argmax(1) == ref_probs.argmax(1)).mean()),
+    }
+
+
+def measure(name: str, precision: str, device: str = "cpu", count: int = 24) -> dict:
+    """Our path and torchvision's autocast, both at ``precision``, against fp32 torchvision."""
+    from pipeline.predict import Predictor, PredictorSpec
+
+    sd = calibrated_state_dict(name)
+    images = jpeg_images(count)
+    ref = torchvision_reference(name, sd, images, "fp32", device)
+    spec = PredictorSpec(
+        model=name,
+        weights_tag="calibrated",
+        num_classes=1000,
+        embedding_dim=int(sd["fc.weight"].shape[1]),
+        state_dict=sd,
+        mean=tuple(PRESET.mean),
+        std=tuple(PRESET.std),
+        categories=tuple(str(i) for i in range(1000)),
+        precision=precision,
+        device=device,
+    )
+    ours = agreement(*predictor_outputs(Predictor(spec), images), *ref)
+    result = {"model": name, "precision": precision, "device": device, "images": count, "ours": ours}
+    if precision != "fp32":
+        result["torchvision_autocast"] = agreement(
+            *torchvision_reference(name, sd, images, precision, device), *ref
+        )
+    return result

@@ -1,0 +1,281 @@
+"""The nightly job as a real process: new shards only, changed shards replaced, exactly once
+when the driver's process group or a model actor is SIGKILLed, and the error budget."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psutil
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.samples import photo_like
+from tests.conftest import AWS_TEST_ENV, write_tar
+
+pytestmark = pytest.mark.e2e
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def jpeg(seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    photo_like(seed, (320, 240)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_shard(folder, name: str, count: int, seed: int, broken: int = 0) -> set[str]:
+    """A tar of ``count`` samples keyed ``<name>/<i>``; the first ``broken`` are not images."""
+    samples = []
+    for i in range(count):
+        data = b"<html>not an image</html>" if i < broken else jpeg(seed + i)
+        samples.append((f"{name}/{i:03d}", {"jpg": data, "cls": b"1"}))
+    write_tar(os.path.join(folder, f"{name}.tar"), samples)
+    return {k for k, _ in samples}
+
+
+class Output:
+    """The output root, local or on the S3 test server, as a reader sees it."""
+
+    def __init__(self, uri: str, endpoint: str | None):
+        self.uri = uri
+        if endpoint:
+            self.fs = pafs.S3FileSystem(
+                endpoint_override=endpoint.removeprefix("http://"), scheme="http",
+                access_key="testing", secret_key="testing", region="us-east-1",
+            )  # fmt: skip
+            self.path = uri.removeprefix("s3://")
+        else:
+            self.fs, self.path = pafs.LocalFileSystem(), uri
+
+    def names(self) -> list[str]:
+        sel = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        return [f.path[len(self.path) :].lstrip("/") for f in self.fs.get_file_info(sel)]
+
+    def visible(self) -> list[str]:
+        return [
+            n for n in self.names()
+            if n.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in n.split("/"))
+        ]  # fmt: skip
+
+    def ids(self) -> list[str]:
+        files = [f"{self.path}/{n}" for n in self.visible()]
+        if not files:
+            return []
+        return pq.read_table(files, columns=["id"], filesystem=self.fs)["id"].to_pylist()
+
+    def read_json(self, rel: str) -> dict:
+        with self.fs.open_input_stream(f"{self.path}/{rel}") as f:
+            return json.loads(f.read())
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{rel}").type != pafs.FileType.NotFound
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path, s3_server):
+    if request.param == "local":
+        return Output(str(tmp_path / "features"), None)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
+    bucket = f"nightly-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    return Output(f"s3://{bucket}/features", s3_server)
+
+
+def nightly_cmd(shards: str, out: Output, date: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, os.path.join(ROOT, "jobs/nightly_features.py"), "--input", shards,
+        "--output", out.uri, "--date", date, "--model", "resnet18", "--weights", "none",
+        "--batch-size", "4", *extra,
+    ]  # fmt: skip
+
+
+def job_env(s3_endpoint: str = "", mark: str = "") -> dict:
+    """The job's environment: test credentials, the S3 server's endpoint, a mark to find its processes."""
+    env = {**os.environ, **AWS_TEST_ENV, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PIPELINE_TEST_MARK": mark}
+    env.pop("RAY_ADDRESS", None)
+    if s3_endpoint:
+        env["AWS_ENDPOINT_URL"] = s3_endpoint
+    return env
+
+
+def run_night(shards, out, date, *extra, s3_endpoint="", check=True):
+    proc = subprocess.run(
+        nightly_cmd(shards, out, date, *extra), capture_output=True, text=True,
+        env=job_env(s3_endpoint), cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    if check:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
+
+
+def test_two_nights_rerun_and_changed_shard(tmp_path, out, s3_server):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected = make_shard(shards, "a", 3, 0) | make_shard(shards, "b", 3, 10)
+
+    run_night(str(shards), out, "2026-11-24", s3_endpoint=s3_server)
+    assert sorted(out.ids()) == sorted(expected)
+    assert out.exists("dt=2026-11-24/_SUCCESS")
+    manifest = out.read_json("dt=2026-11-24/_manifest.json")
+    assert manifest["rows"] == 6 and len(manifest["inputs"]) == 2 and manifest["model"] == "resnet18"
+    assert manifest["weights"] == "none" and manifest["files"] and manifest["last_run_id"]
+
+    expected |= make_shard(shards, "c", 2, 20)  # a new shard lands
+    run_night(str(shards), out, "2026-11-25", s3_endpoint=s3_server)
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    second = out.read_json("dt=2026-11-25/_manifest.json")
+    assert [i["uri"].rsplit("/", 1)[-1] for i in second["inputs"]] == ["c.tar"] and second["rows"] == 2
+
+    proc = run_night(str(shards), out, "2026-11-25", s3_endpoint=s3_server)  # nothing new
+    assert "nothing new" in proc.stdout
+    assert "Starting execution" not in proc.stderr and "MapWorker" not in proc.stderr  # no model actor
+
+    # Shard a changes (4 samples now, other pixels): its old rows go, the new ones land once.
+    expected = (expected - {f"a/{i:03d}" for i in range(3)}) | make_shard(shards, "a", 4, 100)
+    run_night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    # a and b shared night one's output file, so b was redone with a and moved along.
+    assert out.read_json("dt=2026-11-24/_manifest.json")["rows"] == 0
+    assert out.read_json("dt=2026-11-26/_manifest.json")["rows"] == 4 + 3
+    # Downstream readers: pyarrow with Hive partitions sees dt as a column.
+    table = pads.dataset(out.path, filesystem=out.fs, format="parquet", partitioning="hive",
+                         exclude_invalid_files=True).to_table(columns=["id", "dt"])  # fmt: skip
+    assert table.num_rows == len(expected)
+
+
+class Reader(threading.Thread):
+    """Reads what a reader sees, over and over, while the job runs; records any duplicate."""
+
+    def __init__(self, out: Output):
+        super().__init__(daemon=True)
+        self.out, self.stop, self.problems, self.reads = out, threading.Event(), [], 0
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                ids = self.out.ids()
+            except (FileNotFoundError, OSError):
+                continue  # a file moved away between listing and reading: not a partial file
+            self.reads += 1
+            if len(ids) != len(set(ids)):
+                self.problems.append(sorted(i for i in set(ids) if ids.count(i) > 1))
+            time.sleep(0.1)
+
+
+def kill_marked(mark: str) -> None:
+    """SIGKILLs every process carrying our test mark (the job and the Ray it started)."""
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("PIPELINE_TEST_MARK") == mark:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def test_sigkill_of_the_driver_process_group_then_rerun(tmp_path, out, s3_server):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected = set()
+    for i, name in enumerate("abcd"):
+        expected |= make_shard(shards, name, 8, 40 * i)
+    mark = uuid.uuid4().hex
+    env = job_env(s3_server, mark)
+    reader = Reader(out)
+    reader.start()
+    # Small files and one thread: output is staged file by file, over several seconds.
+    cmd = nightly_cmd(str(shards), out, "2026-11-26", "--rows-per-file", "4", "--threads-per-actor", "1")
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    # Kill mid-run: once the first output file is staged, while the model is still at work.
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if any("_staging-" in n and n.endswith(".parquet") for n in out.names()):
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the job ended before it could be killed"
+    kill_marked(mark)  # the Ray processes it started, which may have left its process group
+    assert len(set(out.ids())) == len(out.ids())
+
+    run_night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
+    reader.stop.set()
+    reader.join()
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert reader.reads > 0 and reader.problems == []
+    assert not [n for n in out.names() if "_staging-" in n or "pending-" in n]
+
+
+@pytest.mark.parametrize("command", ["nightly", "run"])
+def test_sigkill_of_a_model_actor_loses_and_duplicates_nothing(tmp_path, command):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected = set()
+    for i, name in enumerate("abc"):
+        expected |= make_shard(shards, name, 14, 70 * i)
+    out = Output(str(tmp_path / "out"), None)
+    mark = uuid.uuid4().hex
+    # ResNet-50 on one thread, two images a batch: about 15 s of inference to interrupt.
+    slow = ["--model", "resnet50", "--batch-size", "2", "--threads-per-actor", "1"]
+    if command == "nightly":
+        cmd = [*nightly_cmd(str(shards), out, "2026-11-26"), *slow]
+    else:
+        cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(shards), "--output", out.uri,
+               "--weights", "none", *slow]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=job_env("", mark), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    killed = None
+    deadline = time.time() + 300
+    while proc.poll() is None and killed is None and time.time() < deadline:
+        for p in psutil.process_iter(["pid", "name", "cmdline"]):
+            try:
+                title = " ".join(p.info["cmdline"] or []) + (p.info["name"] or "")
+                ours = "MapWorker" in title and p.environ().get("PIPELINE_TEST_MARK") == mark
+                if ours and time.time() - p.create_time() > 10:  # past its model load, at work
+                    p.kill()
+                    killed = p.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.5)
+    output, _ = proc.communicate(timeout=600)
+    assert killed, "no model actor was found to kill"
+    assert proc.returncode == 0, output[-3000:]
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+
+
+def test_error_budget(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    make_shard(shards, "a", 10, 0, broken=2)  # 20% broken
+    out = Output(str(tmp_path / "out"), None)
+    proc = run_night(str(shards), out, "2026-11-26", check=False)
+    assert proc.returncode == 3
+    assert "2 of 10 images are errors (20.0%), above --max-error-fraction 0.01" in proc.stderr
+    assert len(out.ids()) == 10  # the rows are written, error rows included
+    assert not out.exists("dt=2026-11-26/_SUCCESS")
+
+    proc = run_night(str(shards), out, "2026-11-27", "--max-error-fraction", "0.5", check=False)
+    assert proc.returncode == 0 and "nothing new" in proc.stdout  # done is done: no rerun
+
+
+def test_bad_date_is_one_line(tmp_path):
+    out = Output(str(tmp_path / "out"), None)
+    (tmp_path / "s").mkdir()
+    make_shard(tmp_path / "s", "a", 1, 0)
+    proc = run_night(str(tmp_path / "s"), out, "26/11/2026", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --date must be YYYY-MM-DD, got '26/11/2026'"

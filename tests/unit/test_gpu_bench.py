@@ -1,0 +1,24 @@
+"""The GPU bench's code paths, on the CPU: a smoke test, no figures asserted."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_bench_smoke_on_cpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [name] = os.listdir(tmp_path)
+    result = json.loads((tmp_path / name).read_text())
+    assert set(result["model_only"]) == {"resnet18/fp32"}
+    assert set(result["from_jpeg"]) == {"cpu-decode", "gpu-decode"}
+    decoders = result["fidelity"][0]
+    # torchvision's decode_jpeg + tensor resize against PIL's: the same images, nearly the same pixels.
+    assert decoders["path"] == "gpu-decode vs cpu-decode" and decoders["cosine_min"] > 0.99
+    assert result["fidelity"][1]["ours"]["cosine_min"] >= 0.999
