@@ -14,14 +14,13 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from functools import cached_property
 
 from pipeline import columns as C
 from pipeline import models, sinks, sources
 from pipeline.config import ConfigError, RunConfig
 from pipeline.decode import Preprocess, decode_batch
 from pipeline.predict import Predictor, PredictorSpec, cpu_threads, pick_device, resolve_precision
-
-log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -33,8 +32,9 @@ class Plan:
     weights: models.ResolvedWeights
     precision: str
 
-    @property
+    @cached_property
     def schema(self):
+        """The output schema, with the provenance metadata (built once per run)."""
         w = self.weights
         meta = sinks.provenance(w.model, w.tag, self.config.model.task, w.preprocessing(), self.precision)
         return C.output_schema(self.config.model.task, w.embedding_dim, meta)
