@@ -126,12 +126,9 @@ def model_only(model: str, precision: str, n: int) -> float:
     from pipeline.predict import Predictor, PredictorSpec, cpu_threads
 
     w = models.resolve(model, "none")
-    spec = PredictorSpec(
-        model=model, weights_tag="none", num_classes=1000, embedding_dim=w.embedding_dim,
-        state_dict=w.state_dict, mean=tuple(w.transforms.mean), std=tuple(w.transforms.std),
-        categories=tuple(w.categories), task="features", precision=precision, device="cpu",
-        threads=cpu_threads(),
-    )  # fmt: skip
+    spec = PredictorSpec.from_weights(
+        w, task="features", precision=precision, device="cpu", threads=cpu_threads()
+    )
     pred = Predictor(spec)
     x = np.random.default_rng(0).integers(0, 256, (min(n, 64), 224, 224, 3), dtype=np.uint8)
     pred.forward(x[:8])  # warm-up: oneDNN builds its kernels on the first call

@@ -37,20 +37,9 @@ SPEC = Preprocess(resize_size=256, crop_size=224)
 def predictor(name: str, precision: str, device: str, batch_size: int) -> Predictor:
     w = models.resolve(name, "none")
     return Predictor(
-        PredictorSpec(
-            model=name,
-            weights_tag="none",
-            num_classes=1000,
-            embedding_dim=w.embedding_dim,
-            state_dict=w.state_dict,
-            mean=tuple(w.transforms.mean),
-            std=tuple(w.transforms.std),
-            categories=tuple(w.categories),
-            task="features",
-            precision=precision,
-            device=device,
-            batch_size=batch_size,
-        )  # fmt: skip
+        PredictorSpec.from_weights(
+            w, task="features", precision=precision, device=device, batch_size=batch_size
+        )
     )
 
 

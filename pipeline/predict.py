@@ -49,6 +49,23 @@ class PredictorSpec:
     threads: int | None = None  # torch intra-op threads on CPU; None: see cpu_threads()
     schema_metadata: dict[str, str] | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_weights(
+        cls, weights: models.ResolvedWeights, state_dict: Any = None, **options
+    ) -> PredictorSpec:
+        """The spec for resolved weights; ``state_dict`` may be a Ray ObjectRef to them."""
+        return cls(
+            model=weights.model,
+            weights_tag=weights.tag,
+            num_classes=weights.num_classes,
+            embedding_dim=weights.embedding_dim,
+            state_dict=weights.state_dict if state_dict is None else state_dict,
+            mean=tuple(weights.transforms.mean),
+            std=tuple(weights.transforms.std),
+            categories=tuple(weights.categories),
+            **options,
+        )
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":

@@ -154,15 +154,9 @@ def predictor_spec(plan: Plan, state_dict) -> PredictorSpec:
     if threads is None and c.num_gpus_per_actor == 0:
         # The model takes the node's cores, shared between the actors a node may hold.
         threads = max(1, cpu_threads() // c.actors[1])
-    return PredictorSpec(
-        model=w.model,
-        weights_tag=w.tag,
-        num_classes=w.num_classes,
-        embedding_dim=w.embedding_dim,
-        state_dict=state_dict,
-        mean=tuple(w.transforms.mean),
-        std=tuple(w.transforms.std),
-        categories=tuple(w.categories),
+    return PredictorSpec.from_weights(
+        w,
+        state_dict,
         task=m.task,
         top_k=m.top_k,
         normalize=m.normalize,

@@ -11,20 +11,7 @@ from tests.conftest import ALL, FIDELITY_IDS, reference
 
 
 def make_predictor(weights, task="both", **kw) -> Predictor:
-    return Predictor(
-        PredictorSpec(
-            model=weights.model,
-            weights_tag=weights.tag,
-            num_classes=weights.num_classes,
-            embedding_dim=weights.embedding_dim,
-            state_dict=weights.state_dict,
-            mean=tuple(weights.transforms.mean),
-            std=tuple(weights.transforms.std),
-            categories=tuple(weights.categories),
-            task=task,
-            **kw,
-        )
-    )
+    return Predictor(PredictorSpec.from_weights(weights, task=task, **kw))
 
 
 def decoded(weights, keys):
