@@ -28,17 +28,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline import fidelity, models  # noqa: E402
-from pipeline.decode import Preprocess, decode, decode_jpeg_batch  # noqa: E402
+from pipeline.decode import Preprocess, decode  # noqa: E402
 from pipeline.predict import Predictor, PredictorSpec  # noqa: E402
 
 SPEC = Preprocess(resize_size=256, crop_size=224)
 
 
-def predictor(name: str, precision: str, device: str, batch_size: int) -> Predictor:
+def predictor(name: str, precision: str, device: str, batch_size: int, decode: str = "cpu") -> Predictor:
     w = models.resolve(name, "none")
     return Predictor(
         PredictorSpec.from_weights(
-            w, task="features", precision=precision, device=device, batch_size=batch_size
+            w, task="features", precision=precision, device=device, batch_size=batch_size, decode=decode
         )
     )
 
@@ -65,10 +65,13 @@ def _decode_one(data: bytes) -> np.ndarray:
     return decode(data, SPEC)
 
 
-def from_jpeg(
-    pred: Predictor, jpegs: list[bytes], device: str, batch: int, gpu_decode: bool, workers: int
-) -> float:
-    """Whole images/s from JPEG bytes to features, decode included."""
+def from_jpeg(pred: Predictor, jpegs: list[bytes], device: str, batch: int, workers: int) -> float:
+    """Whole images/s from JPEG bytes to features, decode included.
+
+    ``pred.spec.decode == "gpu"``: the predictor's own decoder (``--decode gpu``). Otherwise
+    a process pool over the cores decodes with PIL, as the CPU decode tasks do.
+    """
+    gpu_decode = pred.spec.decode == "gpu"
     pool = None if gpu_decode else ProcessPoolExecutor(workers)
     try:
         if pool:  # start the workers before the clock
@@ -77,7 +80,7 @@ def from_jpeg(
         for i in range(0, len(jpegs), batch):
             chunk = jpegs[i : i + batch]
             if gpu_decode:
-                x, _ = decode_jpeg_batch(chunk, SPEC, device)
+                x, _ = pred.inputs(fidelity.byte_batch(chunk))
             else:
                 x = np.stack(list(pool.map(_decode_one, chunk, chunksize=max(1, len(chunk) // workers))))
             pred.forward(x)
@@ -119,26 +122,23 @@ def main() -> int:
             print(f"model only   {name:<10}{precision:<6}{ips:>10.1f} images/s", flush=True)
 
     jpegs = fidelity.jpeg_images(2 * batch if smoke else 4096)
-    pred = predictor("resnet50" if not smoke else "resnet18", precisions[0], dev, batch)
-    for label, gpu_decode in (("cpu-decode", False), ("gpu-decode", True)):
-        ips = from_jpeg(pred, jpegs, dev, batch, gpu_decode, workers)
-        results["from_jpeg"][label] = round(ips, 1)
-        print(f"from JPEG    {label:<16}{ips:>10.1f} images/s", flush=True)
+    name = "resnet18" if smoke else "resnet50"
+    for decoder in ("cpu", "gpu"):
+        ips = from_jpeg(predictor(name, precisions[0], dev, batch, decoder), jpegs, dev, batch, workers)
+        results["from_jpeg"][f"{name}/{precisions[0]}/{decoder}-decode"] = round(ips, 1)
+        print(f"from JPEG    {name:<10}{precisions[0]:<6}{decoder}-decode{ips:>10.1f} images/s", flush=True)
 
-    # Fidelity of the GPU decoder: its uint8 crops against the CPU path's, through the model.
-    arrays, _ = decode_jpeg_batch(jpegs[:batch], SPEC, dev)
-    cpu = np.stack([_decode_one(d) for d in jpegs[:batch]])
-    f_gpu, l_gpu = pred.forward(arrays)
-    f_cpu, l_cpu = pred.forward(cpu)
-    gpu_dec = fidelity.agreement(
-        f_gpu.cpu().numpy(), l_gpu.cpu().numpy(), f_cpu.cpu().numpy(), l_cpu.cpu().numpy()
-    )
-    results["fidelity"].append({"path": "gpu-decode vs cpu-decode", **gpu_dec})
+    # Fidelity against fp32 torchvision on PIL-decoded images: both decoders at fp32, and
+    # every reduced precision beside torchvision's own autocast.
     for name in ["resnet18"] if smoke else ["resnet18", "resnet50"]:
-        for precision in ["fp32"] if smoke else ["fp32", "bf16", "fp16"]:
-            m = fidelity.measure(name, precision, dev, count=4 if smoke else 64)
+        for precision, decoder in [("fp32", "cpu"), ("fp32", "gpu")] + (
+            [] if smoke else [("bf16", "cpu"), ("fp16", "cpu"), ("bf16", "gpu")]
+        ):
+            m = fidelity.measure(name, precision, dev, count=4 if smoke else 64, decode=decoder)
             results["fidelity"].append(m)
-            print(f"fidelity     {name:<10}{precision:<6}{json.dumps(m['ours'])}", flush=True)
+            print(
+                f"fidelity     {name:<10}{precision:<6}{decoder}-decode {json.dumps(m['ours'])}", flush=True
+            )
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gpu-{info['date']}{'-smoke' if smoke else ''}.json")

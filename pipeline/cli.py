@@ -79,6 +79,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     c.add_argument("--compile", action="store_true", help="torch.compile the model in each actor (GPU)")
     c.add_argument(
+        "--decode",
+        default="cpu",
+        help="cpu: decode in CPU tasks | gpu: decode JPEGs in the model actor with nvJPEG (default: cpu)",
+    )
+    c.add_argument(
         "--threads-per-actor",
         type=int,
         help="torch threads on CPU (default: the node's cores / actors)",
@@ -198,6 +203,7 @@ def config_from_args(args: argparse.Namespace):
             cpus_per_actor=args.cpus_per_actor,
             threads_per_actor=args.threads_per_actor,
             compile=args.compile,
+            decode=args.decode,
         ),
     )
 
@@ -223,10 +229,17 @@ def announce(plan) -> None:
     print(
         f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
         f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
-        f"task {plan.config.model.task}, precision {plan.precision}",
+        f"task {plan.config.model.task}, precision {plan.precision}, decode {plan.config.compute.decode}",
         file=sys.stderr,
     )
-    if plan.precision != "fp32" and plan.config.compute.num_gpus_per_actor == 0:
+    on_cpu = plan.config.compute.num_gpus_per_actor == 0
+    if plan.config.compute.decode == "gpu" and on_cpu:
+        print(
+            "warning: --decode gpu without --num-gpus-per-actor: the model actors decode on their "
+            "CPU, serially with the model; --decode cpu is faster there",
+            file=sys.stderr,
+        )
+    if plan.precision != "fp32" and on_cpu:
         from pipeline.predict import cpu_has_native
 
         if not cpu_has_native(plan.precision):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.columns import TASKS
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.models import MODELS
-from pipeline.predict import PRECISIONS
+from pipeline.predict import DECODERS, PRECISIONS
 from pipeline.sources import FORMATS
 
 
@@ -68,8 +68,10 @@ class ComputeConfig:
     cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None
     compile: bool = False
+    decode: str = "cpu"  # "gpu": JPEGs are decoded in the model actor, on its device
 
     def __post_init__(self):
+        _choice("decode", self.decode, DECODERS)
         lo, hi = self.actors
         _require(1 <= lo <= hi, f"--actors needs 1 <= MIN <= MAX, got {lo},{hi}")
         _require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")

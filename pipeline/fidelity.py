@@ -8,6 +8,7 @@ model's are.
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torchvision import models as tvm
 from torchvision.transforms._presets import ImageClassification
 
-from pipeline.decode import Preprocess, decode, open_rgb
+from pipeline.decode import decode_batch, open_rgb
 from pipeline.samples import photo_like
 
 PRESET = ImageClassification(crop_size=224, resize_size=256)
@@ -75,12 +76,32 @@ def torchvision_reference(
     return np.stack(feats), np.stack(probs)
 
 
+def byte_batch(images: list[bytes]) -> dict[str, np.ndarray]:
+    """A batch as the read stage hands it on: id, source, bytes, error."""
+    from pipeline import columns as C
+
+    n = len(images)
+    ids = np.array([f"img{i}" for i in range(n)], dtype=object)
+    return {
+        C.ID: ids,
+        C.SOURCE: ids,
+        C.BYTES: np.array(images, dtype=object),
+        C.ERROR: np.array([None] * n, dtype=object),
+    }
+
+
 def predictor_outputs(predictor, images: list[bytes], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """The pipeline's own path: decode to uint8, then Predictor.forward."""
-    arrays = np.stack([decode(d, Preprocess(256, 224)) for d in images])
+    """The pipeline's own path from bytes: the CPU decode stage, or with ``decode="gpu"``
+    the predictor's own decoder, then ``Predictor.forward``."""
     feats, probs = [], []
-    for i in range(0, len(arrays), batch_size):
-        f, logits = predictor.forward(arrays[i : i + batch_size])
+    for i in range(0, len(images), batch_size):
+        batch = byte_batch(images[i : i + batch_size])
+        if predictor.spec.decode == "cpu":
+            batch = decode_batch(batch, predictor.spec.preprocess)
+        x, errors = predictor.inputs(batch)
+        if any(errors):
+            raise ValueError(f"fidelity images failed to decode: {[e for e in errors if e]}")
+        f, logits = predictor.forward(x)
         feats.append(f.cpu().numpy())
         probs.append(logits.softmax(1).cpu().numpy())
     return np.concatenate(feats), np.concatenate(probs)
@@ -96,13 +117,22 @@ def agreement(feats: np.ndarray, probs: np.ndarray, ref_feats: np.ndarray, ref_p
     }
 
 
-def measure(name: str, precision: str, device: str = "cpu", count: int = 24) -> dict:
-    """Our path and torchvision's autocast, both at ``precision``, against fp32 torchvision."""
-    from pipeline.predict import Predictor, PredictorSpec
-
+@functools.lru_cache(maxsize=4)
+def _reference(name: str, device: str, count: int) -> tuple[dict, list[bytes], tuple[np.ndarray, np.ndarray]]:
+    """The calibrated checkpoint, the images and the fp32 torchvision outputs (cached per model)."""
     sd = calibrated_state_dict(name)
     images = jpeg_images(count)
-    ref = torchvision_reference(name, sd, images, "fp32", device)
+    return sd, images, torchvision_reference(name, sd, images, "fp32", device)
+
+
+def measure(name: str, precision: str, device: str = "cpu", count: int = 24, decode: str = "cpu") -> dict:
+    """Our path and torchvision's autocast, both at ``precision``, against fp32 torchvision.
+
+    ``decode``: "cpu" (the decode stage: PIL) or "gpu" (the actor's decoder on ``device``).
+    """
+    from pipeline.predict import Predictor, PredictorSpec
+
+    sd, images, ref = _reference(name, device, count)
     spec = PredictorSpec(
         model=name,
         weights_tag="calibrated",
@@ -114,9 +144,11 @@ def measure(name: str, precision: str, device: str = "cpu", count: int = 24) -> 
         categories=tuple(str(i) for i in range(1000)),
         precision=precision,
         device=device,
+        decode=decode,
     )
     ours = agreement(*predictor_outputs(Predictor(spec), images), *ref)
-    result = {"model": name, "precision": precision, "device": device, "images": count, "ours": ours}
+    result = {"model": name, "precision": precision, "device": device, "decode": decode}
+    result.update(images=count, ours=ours)
     if precision != "fp32":
         result["torchvision_autocast"] = agreement(
             *torchvision_reference(name, sd, images, precision, device), *ref

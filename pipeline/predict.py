@@ -17,9 +17,12 @@ from torchvision.transforms import functional as TF
 
 from pipeline import columns as C
 from pipeline import models
-from pipeline.decode import text_or_none
+from pipeline.decode import DEFAULT_MAX_PIXELS, Preprocess, decode_jpeg_batch, text_or_none
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Where images are decoded: "cpu", in the CPU decode tasks before the actors; "gpu", in the
+# model actor on its device (nvJPEG on CUDA; torchvision's CPU decoder on a CPU actor).
+DECODERS = ("cpu", "gpu")
 if TYPE_CHECKING:  # pyarrow is imported in __call__: the GPU bench drives forward() without it
     import pyarrow as pa
 
@@ -43,7 +46,9 @@ class PredictorSpec:
     normalize: bool = False
     precision: str = "auto"
     batch_size: int = 64
-    crop_size: int = 224
+    preprocess: Preprocess = Preprocess(resize_size=256, crop_size=224)
+    decode: str = "cpu"  # "gpu": batches hold bytes, decoded here on the model's device
+    max_pixels: int = DEFAULT_MAX_PIXELS
     compile: bool = False  # torch.compile the model (warm-up in __init__)
     device: str = "auto"  # "auto": CUDA when this process was given a GPU, else CPU
     threads: int | None = None  # torch intra-op threads on CPU; None: see cpu_threads()
@@ -63,6 +68,7 @@ class PredictorSpec:
             mean=tuple(weights.transforms.mean),
             std=tuple(weights.transforms.std),
             categories=tuple(weights.categories),
+            preprocess=Preprocess.from_transforms(weights.transforms),
             **options,
         )
 
@@ -142,7 +148,8 @@ class Predictor:
         if spec.compile:
             self.model = torch.compile(self.model)
             # Compile now, on a full batch, so its warm-up stays out of the steady state.
-            self.forward(np.zeros((spec.batch_size, spec.crop_size, spec.crop_size, 3), np.uint8))
+            crop = spec.preprocess.crop_size
+            self.forward(np.zeros((spec.batch_size, crop, crop, 3), np.uint8))
         self.mean = list(spec.mean)
         self.std = list(spec.std)
         self.categories = np.asarray(spec.categories, dtype=object)
@@ -188,21 +195,40 @@ class Predictor:
             logits = self.fc(feats)
         return feats.float(), logits.float()
 
+    def inputs(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
+        """A batch's model inputs, for its good rows only, and every row's error (None: good).
+
+        With ``decode="cpu"`` the decode stage has already made the uint8 crops
+        (``image``). With ``decode="gpu"`` the batch holds the bytes, decoded here on
+        the model's device; rows that fail get their reason.
+        """
+        errors = text_or_none(batch[C.ERROR])
+        if self.spec.decode == "cpu":
+            return batch[C.IMAGE][np.array([e is None for e in errors], dtype=bool)], errors
+        todo = [i for i, e in enumerate(errors) if e is None]
+        images, reasons = decode_jpeg_batch(
+            [batch[C.BYTES][i] for i in todo], self.spec.preprocess, self.device, self.spec.max_pixels
+        )
+        for i, reason in zip(todo, reasons, strict=True):
+            errors[i] = reason
+        return images[[j for j, r in enumerate(reasons) if r is None]], errors
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import pyarrow as pa
 
         schema = C.output_schema(self.spec.task, self.spec.embedding_dim, self.spec.schema_metadata)
         n = len(batch[C.ID])
-        ok = np.asarray(batch[C.STATUS]) == C.STATUS_OK
+        images, errors = self.inputs(batch)
+        ok = np.array([e is None for e in errors], dtype=bool)
         cols: dict[str, pa.Array] = {
             C.ID: pa.array(batch[C.ID], pa.string()),
             C.SOURCE: pa.array(batch[C.SOURCE], pa.string()),
-            C.STATUS: pa.array(batch[C.STATUS], pa.string()),
-            C.ERROR: pa.array(text_or_none(batch[C.ERROR]), pa.string()),
+            C.STATUS: pa.array(np.where(ok, C.STATUS_OK, C.STATUS_ERROR), pa.string()),
+            C.ERROR: pa.array(errors, pa.string()),
         }
         feats = logits = None
         if ok.any():
-            feats, logits = self.forward(batch[C.IMAGE][ok])
+            feats, logits = self.forward(images)
         missing = pa.array(~ok)  # null mask for error rows
         if C.wants_classes(self.spec.task):
             k = min(self.spec.top_k, self.spec.num_classes)

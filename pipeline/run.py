@@ -2,7 +2,10 @@
 stages, ``run`` adds the sink and the summary.
 
     read_shard ─► decode_batch ─► Predictor (actor pool) ─► write_parquet
-    (CPU tasks, fused)            (one model per actor)
+    (CPU tasks)   (CPU tasks)     (one model per actor)
+
+With ``--decode gpu`` there is no decode stage: the bytes go to the actors, which decode
+them on their device (``Predictor.inputs``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class Plan:
     def schema(self):
         """The output schema, with the provenance metadata (built once per run)."""
         w = self.weights
-        meta = sinks.provenance(w.model, w.tag, self.config.model.task, w.preprocessing(), self.precision)
+        preprocessing = {**w.preprocessing(), "decode": self.config.compute.decode}
+        meta = sinks.provenance(w.model, w.tag, self.config.model.task, preprocessing, self.precision)
         return C.output_schema(self.config.model.task, w.embedding_dim, meta)
 
 
@@ -162,7 +166,8 @@ def predictor_spec(plan: Plan, state_dict) -> PredictorSpec:
         normalize=m.normalize,
         precision=plan.precision,
         batch_size=c.batch_size,
-        crop_size=Preprocess.from_transforms(w.transforms).crop_size,
+        decode=c.decode,
+        max_pixels=plan.config.source.max_pixels,
         compile=c.compile,
         device="cuda" if c.num_gpus_per_actor > 0 else "cpu",
         threads=threads,
@@ -210,16 +215,17 @@ def build(plan: Plan):
             "storage_options": cfg.storage_options,
         },
     )
-    ds = ds.map_batches(
-        decode_batch,
-        batch_format="numpy",
-        num_cpus=cpus,
-        fn_kwargs={
-            "spec": Preprocess.from_transforms(plan.weights.transforms),
-            "max_pixels": cfg.source.max_pixels,
-        },
-    )
     c = cfg.compute
+    if c.decode == "cpu":
+        ds = ds.map_batches(
+            decode_batch,
+            batch_format="numpy",
+            num_cpus=cpus,
+            fn_kwargs={
+                "spec": Preprocess.from_transforms(plan.weights.transforms),
+                "max_pixels": cfg.source.max_pixels,
+            },
+        )
     spec = predictor_spec(plan, ray.put(plan.weights.state_dict))
     return ds.map_batches(
         Predictor,

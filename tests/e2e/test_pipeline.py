@@ -103,6 +103,27 @@ def test_every_format_gives_every_row_once_and_torchvision_numbers(
         np.testing.assert_allclose(row[C.TOPK_SCORE], probs[top], rtol=1e-4, atol=1e-6)
 
 
+def test_decode_gpu_on_cpu_actors_gives_the_same_rows(
+    tmp_path, ray_cluster, wds_dir, resnet18_checkpoint, expected
+):
+    """``--decode gpu`` without a GPU: no decode stage, the actor decodes on its CPU."""
+    out = str(tmp_path / "out")
+    summary = run_pipeline(
+        "--input", f"{wds_dir}/shard-{{000000..000001}}.tar", "--output", out,
+        "--model", "resnet18", "--weights", resnet18_checkpoint, "--batch-size", "8", "--decode", "gpu",
+    )  # fmt: skip
+    assert summary.stages and not any("decode" in stage for stage in summary.stages), summary.stages
+    table, _ = read_output(out)
+    assert b'"decode": "gpu"' in table.schema.metadata[b"pipeline.preprocessing"]
+    to_id = FORMATS["webdataset"][2]
+    rows = {r[C.ID]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(to_id(k) for k in ALL)
+    assert {k for k in ALL if rows[to_id(k)][C.STATUS] == "error"} == set(BROKEN)
+    for key, (feats, _) in expected.items():
+        emb = np.array(rows[to_id(key)][C.EMBEDDING])
+        assert emb @ feats / np.linalg.norm(emb) / np.linalg.norm(feats) > 0.9999, key
+
+
 def test_classify_task_and_file_sizing(tmp_path, ray_cluster, images_dir, resnet18_checkpoint):
     out = str(tmp_path / "out")
     run_pipeline(

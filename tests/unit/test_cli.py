@@ -39,6 +39,7 @@ CASES = {
     "unknown model": (["--model", "resnet42"], "error: unknown model 'resnet42'"),
     "unknown task": (["--task", "segment"], "error: unknown task 'segment'"),
     "unknown format": (["--format", "zip"], "error: unknown format 'zip'"),
+    "unknown decoder": (["--decode", "fpga"], "error: unknown decode 'fpga'; choose one of cpu, gpu"),
     "bad actors": (["--actors", "3,1"], "error: --actors needs 1 <= MIN <= MAX, got 3,1"),
     "bad checkpoint": (["--weights", "{tmp}/nope.pth"], "error: checkpoint not found"),
     "unknown weights": (

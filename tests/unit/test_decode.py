@@ -10,7 +10,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms._presets import ImageClassification
 
 from pipeline import columns as C
-from pipeline.decode import DecodeError, Preprocess, decode, decode_batch, open_rgb
+from pipeline.decode import DecodeError, Preprocess, decode, decode_batch, decode_jpeg_batch, open_rgb
 from tests.conftest import BROKEN, GOOD
 
 SPEC = Preprocess(resize_size=256, crop_size=224)
@@ -85,9 +85,38 @@ def test_decode_batch_keeps_every_row_and_the_readers_errors():
         C.ERROR: np.array([np.nan, np.nan, "cannot read file"], dtype=object),
     }
     out = decode_batch(batch, SPEC)
-    assert out[C.STATUS].tolist() == ["ok", "error", "error"]
+    assert C.STATUS not in out  # the actor sets it, from the error
     assert out[C.ERROR][0] is None
     assert "not a recognised image" in out[C.ERROR][1]
     assert out[C.ERROR][2] == "cannot read file"
     assert out[C.IMAGE].shape == (3, 224, 224, 3)
     assert out[C.IMAGE][0].std() > 1 and not out[C.IMAGE][1:].any()
+
+
+def test_device_decoder_on_cpu_matches_the_cpu_path_and_its_error_reasons():
+    """``--decode gpu``'s decoder, run on the CPU: torchvision's decode_jpeg and a Pillow-like
+    tensor resize for JPEGs, the CPU path for the rest and for the errors."""
+    keys = sorted(GOOD) + sorted(BROKEN)
+    datas = [{**GOOD, **BROKEN}[k] for k in keys]
+    images, errors = decode_jpeg_batch(datas, SPEC, "cpu")
+    assert images.shape == (len(keys), 224, 224, 3) and images.dtype == torch.uint8
+    for key, data, img, error in zip(keys, datas, images.numpy(), errors, strict=True):
+        try:
+            expected = decode(data, SPEC)
+        except DecodeError as e:
+            assert error == str(e) and not img.any(), key
+            continue
+        assert error is None, key
+        diff = np.abs(img.astype(int) - expected.astype(int))
+        if data[:3] == b"\xff\xd8\xff":
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, key
+        else:
+            assert diff.max() == 0, key
+
+
+def test_device_decoder_keeps_the_pixel_limit():
+    limit = 100 * 100
+    _, errors = decode_jpeg_batch([GOOD["good/cat.jpg"]], SPEC, "cpu", max_pixels=limit)
+    with pytest.raises(DecodeError) as e:
+        decode(GOOD["good/cat.jpg"], SPEC, max_pixels=limit)
+    assert errors == [str(e.value)] and "above the limit" in errors[0]

@@ -1,6 +1,7 @@
 """Every fast path against fp32 torchvision, on photo-like images with a calibrated checkpoint.
 
-fp32 (BatchNorm folded, channels_last): per-image cosine >= 0.999, top-1 agreement >= 97%.
+fp32 (BatchNorm folded, channels_last; the CPU decode stage's PIL, or ``--decode gpu``'s
+torchvision decoder and tensor resize): per-image cosine >= 0.999, top-1 agreement >= 97%.
 bf16: at least as faithful as torchvision's own autocast of the same model on the same
 inputs, within 0.003 cosine and 3 points of top-1. Both depths: bf16 hurts ResNet-50 more.
 """
@@ -11,9 +12,10 @@ from pipeline.fidelity import measure
 from pipeline.predict import cpu_has_native
 
 
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_fp32_fast_path(name):
-    ours = measure(name, "fp32", count=24)["ours"]
+def test_fp32_fast_path(name, decode):
+    ours = measure(name, "fp32", count=24, decode=decode)["ours"]
     assert ours["cosine_min"] >= 0.999 and ours["top1_agreement"] >= 0.97, ours
 
 

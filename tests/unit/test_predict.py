@@ -14,14 +14,18 @@ def make_predictor(weights, task="both", **kw) -> Predictor:
     return Predictor(PredictorSpec.from_weights(weights, task=task, **kw))
 
 
-def decoded(weights, keys):
-    batch = {
+def raw(keys):
+    """A batch as the read stage hands it on."""
+    return {
         C.ID: np.array(keys, dtype=object),
         C.SOURCE: np.array(["file:///x"] * len(keys), dtype=object),
         C.BYTES: np.array([ALL[k] for k in keys], dtype=object),
         C.ERROR: np.array([None] * len(keys), dtype=object),
     }
-    return decode_batch(batch, Preprocess.from_transforms(weights.transforms))
+
+
+def decoded(weights, keys):
+    return decode_batch(raw(keys), Preprocess.from_transforms(weights.transforms))
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +80,20 @@ def test_bf16_stays_close_to_fp32(weights):
     bf16 = np.array(make_predictor(weights, precision="bf16")(batch)[C.EMBEDDING].to_pylist())
     cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cos.min() > 0.99
+
+
+def test_decode_gpu_on_a_cpu_actor_gives_the_same_rows(weights):
+    """``--decode gpu``: the batch holds bytes and the actor decodes them on its device (here
+    the CPU). Same rows, statuses and reasons as the CPU decode stage; near-equal features."""
+    keys = sorted(ALL)
+    on_cpu = make_predictor(weights, task="features")(decoded(weights, keys))
+    in_actor = make_predictor(weights, task="features", decode="gpu")(raw(keys))
+    for column in (C.ID, C.STATUS, C.ERROR):
+        assert in_actor[column].to_pylist() == on_cpu[column].to_pylist()
+    ok = on_cpu.filter(on_cpu[C.STATUS].to_numpy(zero_copy_only=False) == "ok")
+    a = np.array(ok[C.EMBEDDING].to_pylist())
+    b = np.array(
+        in_actor.filter(in_actor[C.STATUS].to_numpy(zero_copy_only=False) == "ok")[C.EMBEDDING].to_pylist()
+    )
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999
