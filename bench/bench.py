@@ -1,6 +1,7 @@
 """`make bench`: the pipeline against the plain PyTorch loop, whole command against whole command.
 
     python bench/bench.py [--images 1024] [--repeats 3] [--model resnet50] [--precisions fp32,bf16]
+                          [--pipeline-args "--decode gpu"] [--label decode-gpu]
 
 On the same generated photo-like JPEGs (about 500x375, quality 90, portrait and
 landscape) it measures, per precision:
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -106,10 +108,11 @@ def timed(cmd: list[str], env: dict | None = None, memory: bool = False) -> tupl
     return seconds, peak
 
 
-def pipeline_cmd(images: str, out: str, model: str, precision: str) -> list[str]:
+def pipeline_cmd(images: str, out: str, model: str, precision: str, extra: str = "") -> list[str]:
     return [
         sys.executable, "-m", "pipeline", "run", "--input", images, "--output", out, "--overwrite",
         "--task", "features", "--model", model, "--weights", "none", "--precision", precision,
+        *shlex.split(extra),
     ]  # fmt: skip
 
 
@@ -195,6 +198,8 @@ def main() -> int:
         "--force-emulated", action="store_true", help="run bf16 whole commands without native bf16"
     )
     p.add_argument("--data", default=os.path.join(ROOT, "bench", "data"))
+    p.add_argument("--pipeline-args", default="", help='extra pipeline flags, e.g. "--decode gpu"')
+    p.add_argument("--label", default="", help="suffix of the results file name, for a variant run")
     args = p.parse_args()
 
     info = machine()
@@ -202,7 +207,8 @@ def main() -> int:
     scratch = tempfile.mkdtemp(prefix="bench-")
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     results: dict = {"date": date.today().isoformat(), "machine": info, "images": args.images,
-                     "model": args.model, "repeats": args.repeats, "precisions": {}}  # fmt: skip
+                     "model": args.model, "repeats": args.repeats, "pipeline_args": args.pipeline_args,
+                     "precisions": {}}  # fmt: skip
     for precision in args.precisions.split(","):
         row: dict = {
             "model_only_ips": round(model_only(args.model, precision, 128 if precision == "fp32" else 32), 2)
@@ -221,7 +227,14 @@ def main() -> int:
                 )
                 pipe.append(
                     timed(
-                        pipeline_cmd(images, f"{scratch}/pipe-{precision}-{r}", args.model, precision), env
+                        pipeline_cmd(
+                            images,
+                            f"{scratch}/pipe-{precision}-{r}",
+                            args.model,
+                            precision,
+                            args.pipeline_args,
+                        ),
+                        env,
                     )[0]
                 )
                 print(
@@ -248,7 +261,9 @@ def main() -> int:
         peaks = {}
         for label, folder in (("1x", images), ("4x", big)):
             secs, peak = timed(
-                pipeline_cmd(folder, f"{scratch}/mem-{label}", args.memory_model, "fp32"), env, memory=True
+                pipeline_cmd(folder, f"{scratch}/mem-{label}", args.memory_model, "fp32", args.pipeline_args),
+                env,
+                memory=True,
             )
             peaks[label] = {"peak_pss_mib": round(peak / 2**20), "seconds": round(secs, 1)}
         peaks["ratio_4x_over_1x"] = round(peaks["4x"]["peak_pss_mib"] / peaks["1x"]["peak_pss_mib"], 3)
@@ -281,7 +296,12 @@ def main() -> int:
             f"-> {m['ratio_4x_over_1x']}x"
         )
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "bench", "results", f"{results['date']}-{slug(info)}.json")
+    path = os.path.join(
+        ROOT,
+        "bench",
+        "results",
+        f"{results['date']}-{slug(info)}{'-' + args.label if args.label else ''}.json",
+    )
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {path}")

@@ -2,7 +2,7 @@
 stages, ``run`` adds the sink and the summary.
 
     read_shard ─► decode_batch ─► Predictor (actor pool) ─► write_parquet
-    (CPU tasks)   (CPU tasks)     (one model per actor)
+    (CPU tasks, fused)            (one model per actor)
 
 With ``--decode gpu`` there is no decode stage: the bytes go to the actors, which decode
 them on their device (``Predictor.inputs``).

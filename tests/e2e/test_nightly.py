@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import psutil
 import pyarrow.dataset as pads
@@ -16,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import cli
 from pipeline.samples import photo_like
 from tests.conftest import AWS_TEST_ENV, write_tar
 
@@ -108,22 +110,54 @@ def job_env(s3_endpoint: str = "", mark: str = "") -> dict:
     return env
 
 
-def run_night(shards, out, date, *extra, s3_endpoint="", check=True):
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def night(ray_cluster, capfd, monkeypatch):
+    """Runs the nightly job in this process, as ``python jobs/nightly_features.py`` with
+    RAY_ADDRESS would: the same entry point, joined to this module's Ray, so the runs skip
+    the start of a Python, torch and a Ray each (about 15 s). The tests that kill the job
+    run it as a real process with its own Ray."""
+
+    def run(shards, out, date, *extra, s3_endpoint="", check=True) -> Ran:
+        with monkeypatch.context() as m:
+            if s3_endpoint:
+                m.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+            capfd.readouterr()
+            code = cli.main(
+                ["nightly", *nightly_cmd(shards, out, date, *extra)[2:]], defaults={"task": "features"}
+            )
+            ran = Ran(code, *capfd.readouterr())
+        if check:
+            assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+        return ran
+
+    return run
+
+
+def run_night(shards, out, date, *extra, check=True):
+    """The nightly job as a real process, with its own Ray."""
     proc = subprocess.run(
         nightly_cmd(shards, out, date, *extra), capture_output=True, text=True,
-        env=job_env(s3_endpoint), cwd=ROOT, timeout=600,
+        env=job_env(), cwd=ROOT, timeout=600,
     )  # fmt: skip
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return proc
 
 
-def test_two_nights_rerun_and_changed_shard(tmp_path, out, s3_server):
+def test_two_nights_rerun_and_changed_shard(tmp_path, out, s3_server, night):
     shards = tmp_path / "shards"
     shards.mkdir()
     expected = make_shard(shards, "a", 3, 0) | make_shard(shards, "b", 3, 10)
 
-    run_night(str(shards), out, "2026-11-24", s3_endpoint=s3_server)
+    first = night(str(shards), out, "2026-11-24", s3_endpoint=s3_server)
+    assert "Starting execution" in first.stderr, first.stderr[-2000:]
     assert sorted(out.ids()) == sorted(expected)
     assert out.exists("dt=2026-11-24/_SUCCESS")
     manifest = out.read_json("dt=2026-11-24/_manifest.json")
@@ -131,19 +165,19 @@ def test_two_nights_rerun_and_changed_shard(tmp_path, out, s3_server):
     assert manifest["weights"] == "none" and manifest["files"] and manifest["last_run_id"]
 
     expected |= make_shard(shards, "c", 2, 20)  # a new shard lands
-    run_night(str(shards), out, "2026-11-25", s3_endpoint=s3_server)
+    night(str(shards), out, "2026-11-25", s3_endpoint=s3_server)
     ids = out.ids()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
     second = out.read_json("dt=2026-11-25/_manifest.json")
     assert [i["uri"].rsplit("/", 1)[-1] for i in second["inputs"]] == ["c.tar"] and second["rows"] == 2
 
-    proc = run_night(str(shards), out, "2026-11-25", s3_endpoint=s3_server)  # nothing new
+    proc = night(str(shards), out, "2026-11-25", s3_endpoint=s3_server)  # nothing new
     assert "nothing new" in proc.stdout
     assert "Starting execution" not in proc.stderr and "MapWorker" not in proc.stderr  # no model actor
 
     # Shard a changes (4 samples now, other pixels): its old rows go, the new ones land once.
     expected = (expected - {f"a/{i:03d}" for i in range(3)}) | make_shard(shards, "a", 4, 100)
-    run_night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
+    night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
     ids = out.ids()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
     # a and b shared night one's output file, so b was redone with a and moved along.
@@ -184,7 +218,7 @@ def kill_marked(mark: str) -> None:
             pass
 
 
-def test_sigkill_of_the_driver_process_group_then_rerun(tmp_path, out, s3_server):
+def test_sigkill_of_the_driver_process_group_then_rerun(tmp_path, out, s3_server, night):
     shards = tmp_path / "shards"
     shards.mkdir()
     expected = set()
@@ -210,7 +244,7 @@ def test_sigkill_of_the_driver_process_group_then_rerun(tmp_path, out, s3_server
     kill_marked(mark)  # the Ray processes it started, which may have left its process group
     assert len(set(out.ids())) == len(out.ids())
 
-    run_night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
+    night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
     reader.stop.set()
     reader.join()
     ids = out.ids()
@@ -257,18 +291,18 @@ def test_sigkill_of_a_model_actor_loses_and_duplicates_nothing(tmp_path, command
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
 
 
-def test_error_budget(tmp_path):
+def test_error_budget(tmp_path, night):
     shards = tmp_path / "shards"
     shards.mkdir()
     make_shard(shards, "a", 10, 0, broken=2)  # 20% broken
     out = Output(str(tmp_path / "out"), None)
-    proc = run_night(str(shards), out, "2026-11-26", check=False)
+    proc = night(str(shards), out, "2026-11-26", check=False)
     assert proc.returncode == 3
     assert "2 of 10 images are errors (20.0%), above --max-error-fraction 0.01" in proc.stderr
     assert len(out.ids()) == 10  # the rows are written, error rows included
     assert not out.exists("dt=2026-11-26/_SUCCESS")
 
-    proc = run_night(str(shards), out, "2026-11-27", "--max-error-fraction", "0.5", check=False)
+    proc = night(str(shards), out, "2026-11-27", "--max-error-fraction", "0.5", check=False)
     assert proc.returncode == 0 and "nothing new" in proc.stdout  # done is done: no rerun
 
 
