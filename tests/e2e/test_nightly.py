@@ -1,5 +1,6 @@
-"""The nightly job as a real process: new shards only, changed shards replaced, exactly once
-when the driver's process group or a model actor is SIGKILLed, and the error budget."""
+"""The nightly job: new shards only, changed shards replaced, the error budget (in this
+process, on the module's Ray), and exactly once when a real job process's driver or one
+of its model actors is SIGKILLed."""
 
 import json
 import os
