@@ -189,12 +189,13 @@ def decode_jpeg_batch(
 
     out = torch.zeros((len(datas), spec.crop_size, spec.crop_size, 3), dtype=torch.uint8, device=device)
     errors: list[str | None] = [None] * len(datas)
-    jpeg = [i for i, d in enumerate(datas) if _jpeg_within(d, max_pixels)]
+    orientation = {i: o for i, d in enumerate(datas) if (o := _jpeg_orientation(d, max_pixels))}
+    jpeg = list(orientation)
     decoded = dict(zip(jpeg, _device_decode([datas[i] for i in jpeg], device), strict=True))
     for i, data in enumerate(datas):
         img = decoded.get(i)
         if img is not None:
-            out[i] = resize_crop(img, spec).permute(1, 2, 0)
+            out[i] = resize_crop(exif_orient(img, orientation[i]), spec).permute(1, 2, 0)
             continue
         try:
             out[i] = torch.from_numpy(decode(data, spec, max_pixels).copy()).to(device)
@@ -203,26 +204,58 @@ def decode_jpeg_batch(
     return out, errors
 
 
-def _jpeg_within(data: bytes, max_pixels: int) -> bool:
-    """A JPEG whose header Pillow can read (without decoding) and that is within the pixel limit."""
+def _jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
+    """The EXIF orientation (1 to 8; 1 when untagged) of a JPEG that the device decoder may
+    take: one whose header Pillow reads (without decoding) and within the pixel limit.
+    None for anything else."""
     if not data or data[:3] != b"\xff\xd8\xff":
-        return False
+        return None
     try:
-        width, height = Image.open(io.BytesIO(data)).size  # lazy: reads the header only
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        width, height = img.size
+        orientation = int(img.getexif().get(0x0112, 1))
     except Exception:
-        return False
-    return width * height <= max_pixels
+        return None
+    if width * height > max_pixels or not 1 <= orientation <= 8:
+        return None
+    return orientation
+
+
+def exif_orient(img, orientation: int):
+    """Turns a decoded CHW tensor upright, as ``PIL.ImageOps.exif_transpose`` does.
+
+    torchvision's ``decode_jpeg`` ignores ``apply_exif_orientation`` on CUDA, so the
+    device path does it here, with the same flips and rotations on every device.
+    """
+    import torch
+
+    hw = (-2, -1)
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(hw)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(img, -1, hw)
+    if orientation == 7:
+        return img.transpose(-2, -1).flip(hw)
+    if orientation == 8:
+        return torch.rot90(img, 1, hw)
+    return img
 
 
 def _device_decode(datas: list[bytes], device) -> list:
-    """Decoded CHW uint8 tensors, or None where the device decoder refused the file."""
+    """Decoded CHW uint8 tensors, as stored (no EXIF turn), or None where the decoder refused."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not datas:
         return []
     raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    kw = {"mode": ImageReadMode.RGB, "device": device, "apply_exif_orientation": True}
+    kw = {"mode": ImageReadMode.RGB, "device": device}
     try:
         return list(decode_jpeg(raw, **kw))
     except RuntimeError:

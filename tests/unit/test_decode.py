@@ -120,3 +120,19 @@ def test_device_decoder_keeps_the_pixel_limit():
     with pytest.raises(DecodeError) as e:
         decode(GOOD["good/cat.jpg"], SPEC, max_pixels=limit)
     assert errors == [str(e.value)] and "above the limit" in errors[0]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_decoder_turns_every_exif_orientation_as_pillow_does(orientation):
+    """torchvision's decode_jpeg ignores EXIF orientation on CUDA; ours turns the image itself."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img = Image.fromarray(
+        np.kron(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, np.ones((40, 40), np.uint8))
+    )
+    data = io.BytesIO()
+    img.convert("RGB").save(data, "JPEG", quality=95, exif=exif)
+    spec = Preprocess(resize_size=100, crop_size=100)  # keeps the whole shorter side
+    images, errors = decode_jpeg_batch([data.getvalue()], spec, "cpu")
+    diff = np.abs(images[0].numpy().astype(int) - decode(data.getvalue(), spec).astype(int))
+    assert errors == [None] and diff.max() <= 1
