@@ -223,9 +223,14 @@ def run_command(args: argparse.Namespace) -> int:
     return guarded(go)
 
 
-def announce(plan) -> None:
-    """The first log lines: which code runs (on a cluster, Ray's copy of the working dir) and on what."""
+def print_origin() -> None:
+    """Which copy of the code runs: on a cluster, Ray's copy of the uploaded working dir."""
     print(f"pipeline {__version__} from {os.path.dirname(os.path.abspath(__file__))}", file=sys.stderr)
+
+
+def announce(plan) -> None:
+    """The first log lines: which code runs, and on what."""
+    print_origin()
     print(
         f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
         f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
@@ -273,7 +278,7 @@ def nightly_command(args: argparse.Namespace) -> int:
     def go() -> int:
         config = config_from_args(args)
         date = check_date(args.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"))
-        print(f"pipeline {__version__} from {os.path.dirname(os.path.abspath(__file__))}", file=sys.stderr)
+        print_origin()
         result = run_nightly(config, date, args.max_error_fraction)
         print(result.message, file=sys.stderr if result.exit_code else sys.stdout)
         return result.exit_code

@@ -6,6 +6,7 @@ instead of an object reference.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -213,10 +214,14 @@ class Predictor:
             errors[i] = reason
         return images[[j for j, r in enumerate(reasons) if r is None]], errors
 
+    @functools.cached_property
+    def schema(self) -> pa.Schema:
+        """The output schema, built on the first batch (``forward`` alone needs no pyarrow)."""
+        return C.output_schema(self.spec.task, self.spec.embedding_dim, self.spec.schema_metadata)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import pyarrow as pa
 
-        schema = C.output_schema(self.spec.task, self.spec.embedding_dim, self.spec.schema_metadata)
         n = len(batch[C.ID])
         images, errors = self.inputs(batch)
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -257,4 +262,4 @@ class Predictor:
             )
         cols[C.MODEL] = pa.array([self.spec.model] * n, pa.string())
         cols[C.WEIGHTS] = pa.array([self.spec.weights_tag] * n, pa.string())
-        return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+        return pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
