@@ -10,7 +10,19 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms._presets import ImageClassification
 
 from pipeline import columns as C
-from pipeline.decode import DecodeError, Preprocess, decode, decode_batch, decode_jpeg_batch, open_rgb
+from pipeline.decode import (
+    DecodeError,
+    Preprocess,
+    _device_jpeg_header,
+    decode,
+    decode_batch,
+    decode_jpeg_batch,
+    fancy_upsample,
+    open_rgb,
+    refine_chroma,
+    ycc_to_rgb,
+)
+from pipeline.samples import photo_like
 from tests.conftest import BROKEN, GOOD
 
 SPEC = Preprocess(resize_size=256, crop_size=224)
@@ -136,3 +148,65 @@ def test_device_decoder_turns_every_exif_orientation_as_pillow_does(orientation)
     images, errors = decode_jpeg_batch([data.getvalue()], spec, "cpu")
     diff = np.abs(images[0].numpy().astype(int) - decode(data.getvalue(), spec).astype(int))
     assert errors == [None] and diff.max() <= 1
+
+
+def _jpeg_planes(data: bytes, fy: int, fx: int):
+    """libjpeg-turbo's own planes, through Pillow: full-size Y, and the chroma as stored
+    (decoded at 1/2 scale, which libjpeg-turbo does without upsampling the chroma)."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("YCbCr", img.size)
+    y = torch.from_numpy(np.asarray(img)[..., 0].astype(np.int32))[None]
+    w, h = img.size
+    img = Image.open(io.BytesIO(data))
+    img.draft("YCbCr", (w // fx, h // fy))
+    chroma = torch.from_numpy(np.asarray(img)[..., 1:].astype(np.int32)).permute(2, 0, 1)[None]
+    return y, chroma
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 251)])
+def test_fancy_upsampling_and_colour_conversion_are_libjpeg_turbos(size):
+    """From libjpeg-turbo's own Y and 4:2:0 chroma planes, ours give Pillow's RGB exactly."""
+    data = _encode_jpeg(photo_like(11, size), quality=90)
+    y, chroma = _jpeg_planes(data, 2, 2)
+    w, h = size
+    rgb = ycc_to_rgb(y, fancy_upsample(chroma, (2, 2))[..., :h, :w])
+    pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(rgb[0].permute(1, 2, 0).numpy(), pil)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (333, 251)])
+def test_refine_chroma_undoes_nvjpegs_repeated_chroma(size):
+    """nvJPEG repeats each 4:2:0 chroma sample over its 2x2 block (seen on an H100: its
+    crops matched this simulation to the third decimal of the mean error). refine_chroma
+    turns that back into libjpeg-turbo's interpolated chroma, near enough to Pillow."""
+    data = _encode_jpeg(photo_like(12, size), quality=90)
+    y, chroma = _jpeg_planes(data, 2, 2)
+    w, h = size
+    repeated = ycc_to_rgb(y, chroma.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w])
+    pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+    def error(rgb):
+        return np.abs(rgb[0].permute(1, 2, 0).numpy().astype(int) - pil)
+
+    before, after = error(repeated), error(refine_chroma(repeated, (2, 2)))
+    assert before.mean() > 0.4 and before.max() >= 15
+    assert after.mean() < 0.05 and (after > 1).mean() < 0.01, (after.mean(), (after > 1).mean())
+
+
+def test_device_path_reads_orientation_and_subsampling_and_leaves_cmyk_to_pillow():
+    base = photo_like(13, (64, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert _device_jpeg_header(_encode_jpeg(base, subsampling=2, exif=exif), 10**9) == (6, (2, 2))
+    assert _device_jpeg_header(_encode_jpeg(base, subsampling=1), 10**9) == (1, (1, 2))
+    assert _device_jpeg_header(_encode_jpeg(base, subsampling=0), 10**9) == (1, (1, 1))
+    assert _device_jpeg_header(_encode_jpeg(base.convert("L")), 10**9) == (1, (1, 1))
+    assert _device_jpeg_header(GOOD["modes/cmyk.jpg"], 10**9) is None
+    assert _device_jpeg_header(GOOD["good/dog.png"], 10**9) is None
+    assert _device_jpeg_header(_encode_jpeg(base), 64 * 48 - 1) is None
+
+
+def _encode_jpeg(img, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **{"quality": 90, **kw})
+    return buf.getvalue()
