@@ -67,7 +67,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument(
         "--precision",
         default="auto",
-        help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU)",
+        help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, fp16 on GPU)",
     )
 
     c = p.add_argument_group("compute")

@@ -117,40 +117,60 @@ def agreement(feats: np.ndarray, probs: np.ndarray, ref_feats: np.ndarray, ref_p
     }
 
 
-@functools.lru_cache(maxsize=4)
-def _reference(name: str, device: str, count: int) -> tuple[dict, list[bytes], tuple[np.ndarray, np.ndarray]]:
-    """The calibrated checkpoint, the images and the fp32 torchvision outputs (cached per model)."""
+@functools.lru_cache(maxsize=8)
+def _reference(
+    name: str, device: str, images: tuple[bytes, ...]
+) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """The calibrated checkpoint and the fp32 torchvision outputs (cached per model and images)."""
     sd = calibrated_state_dict(name)
-    images = jpeg_images(count)
-    return sd, images, torchvision_reference(name, sd, images, "fp32", device)
+    return sd, torchvision_reference(name, sd, list(images), "fp32", device)
 
 
-def measure(name: str, precision: str, device: str = "cpu", count: int = 24, decode: str = "cpu") -> dict:
-    """Our path and torchvision's autocast, both at ``precision``, against fp32 torchvision.
+def calibrated_spec(name: str, state_dict: dict, **options):
+    """The actors' PredictorSpec for a calibrated checkpoint (1000 classes, ImageNet preset)."""
+    from pipeline.predict import PredictorSpec
 
-    ``decode``: "cpu" (the decode stage: PIL) or "gpu" (the actor's decoder on ``device``).
-    """
-    from pipeline.predict import Predictor, PredictorSpec
-
-    sd, images, ref = _reference(name, device, count)
-    spec = PredictorSpec(
+    return PredictorSpec(
         model=name,
         weights_tag="calibrated",
-        num_classes=1000,
-        embedding_dim=int(sd["fc.weight"].shape[1]),
-        state_dict=sd,
+        num_classes=int(state_dict["fc.weight"].shape[0]),
+        embedding_dim=int(state_dict["fc.weight"].shape[1]),
+        state_dict=state_dict,
         mean=tuple(PRESET.mean),
         std=tuple(PRESET.std),
-        categories=tuple(str(i) for i in range(1000)),
-        precision=precision,
-        device=device,
-        decode=decode,
+        categories=tuple(str(i) for i in range(int(state_dict["fc.weight"].shape[0]))),
+        **options,
     )
-    ours = agreement(*predictor_outputs(Predictor(spec), images), *ref)
+
+
+def measure(
+    name: str,
+    precision: str,
+    device: str = "cpu",
+    count: int = 24,
+    decode: str = "cpu",
+    *,
+    images: list[bytes] | None = None,
+    ref_device: str = "cpu",
+    model_mode: str | None = None,
+) -> dict:
+    """Our path and torchvision's autocast (both on ``device``, at ``precision``) against
+    fp32 torchvision on ``ref_device``.
+
+    ``decode``: "cpu" (the decode stage: PIL) or "gpu" (the actor's decoder on ``device``).
+    ``images``: JPEG bytes; ``count`` photo-like ones by default.
+    """
+    from pipeline.predict import Predictor
+
+    images = tuple(images) if images is not None else tuple(jpeg_images(count))
+    sd, ref = _reference(name, ref_device, images)
+    spec = calibrated_spec(name, sd, precision=precision, device=device, decode=decode)
+    predictor = Predictor(spec, model_mode=model_mode)
+    ours = agreement(*predictor_outputs(predictor, list(images)), *ref)
     result = {"model": name, "precision": precision, "device": device, "decode": decode}
-    result.update(images=count, ours=ours)
+    result.update(model_mode=predictor.model_mode, images=len(images), ours=ours)
     if precision != "fp32":
         result["torchvision_autocast"] = agreement(
-            *torchvision_reference(name, sd, images, precision, device), *ref
+            *torchvision_reference(name, sd, list(images), precision, device), *ref
         )
     return result

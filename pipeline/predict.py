@@ -29,6 +29,29 @@ if TYPE_CHECKING:  # pyarrow is imported in __call__: the GPU bench drives forwa
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# How the model meets bf16/fp16 (fp32 always folds BatchNorm, see Predictor):
+#   "autocast": fp32 weights under torch.autocast, as torchvision users write it;
+#   "cast": weights, BatchNorm included, converted to the type; the input too;
+#   "fold-cast": BatchNorm folded into the convolutions, then converted.
+MODEL_MODES = ("autocast", "cast", "fold-cast")
+
+
+def default_model_mode(device: torch.device, precision: str, compiled: bool = False) -> str:
+    """The mode each device runs a reduced precision in (bench/gpu.py compares them).
+
+    On an H100 (bench/README.md), eager: autocast, as fast as the others (ResNet-50 fp16 at
+    batch 256: 11.8k images/s; folding made it no faster). Under torch.compile: folded and
+    cast, 23.6k against autocast's 21.0k, with the same fidelity.
+    """
+    return "fold-cast" if compiled and device.type == "cuda" else "autocast"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA out-of-memory, from the caching allocator or from a library that reports it as text."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
+
 
 @dataclass
 class PredictorSpec:
@@ -84,8 +107,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        # fp32 keeps CPU results equal to torchvision's; GPUs run bf16 at many times the speed.
-        return "bf16" if device.type == "cuda" else "fp32"
+        # fp32 keeps CPU results equal to torchvision's. On GPUs fp16, torch.autocast's own
+        # default there: on an H100 it ran ResNet-50 as fast as bf16 (11.8k against 12.2k
+        # images/s) with features far closer to fp32 (cosine 0.9998 against 0.9945).
+        return "fp16" if device.type == "cuda" else "fp32"
     return precision
 
 
@@ -120,12 +145,17 @@ def cpu_threads() -> int:
 class Predictor:
     """Holds one ResNet; turns decoded uint8 batches into output-contract rows."""
 
-    def __init__(self, spec: PredictorSpec):
+    def __init__(self, spec: PredictorSpec, *, model_mode: str | None = None):
+        """``model_mode`` (one of ``MODEL_MODES``, for bf16/fp16) is there to compare them
+        (bench/gpu.py); the actors take ``default_model_mode``."""
         self.spec = spec
         self.device = pick_device(spec.device)
         self.precision = resolve_precision(spec.precision, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(spec.threads or cpu_threads())
+        else:
+            # Fixed batch and crop sizes: cuDNN times its algorithms once per shape and keeps the fastest.
+            torch.backends.cudnn.benchmark = True
         state_dict = spec.state_dict
         if not isinstance(state_dict, dict):  # an ObjectRef from the driver
             import ray
@@ -137,23 +167,37 @@ class Predictor:
         model.fc = torch.nn.Identity()
         # Folding each BatchNorm into its conv (torch.fx) and channels_last memory: on 2
         # AVX2 cores ResNet-50 fp32 went from 5.9 to 9.4 images/s, with features within
-        # 1e-6 (relative) of the unfolded model. See bench/README.md. Not under bf16/fp16:
-        # folded weights rounded to 16 bits drift further from torchvision's autocast
-        # (ResNet-50 top-1 agreement fell from 12/12 to 11/12 in the fidelity test).
+        # 1e-6 (relative) of the unfolded model. See bench/README.md. Under bf16/fp16 the
+        # mode decides (MODEL_MODES): folded weights rounded to 16 bits drift further from
+        # torchvision's autocast (on the CPU, ResNet-50 top-1 agreement fell from 12/12 to
+        # 11/12 in the fidelity test).
+        dtype = _DTYPES.get(self.precision)
+        if dtype is None:
+            self.model_mode = "fold"
+        else:
+            self.model_mode = model_mode or default_model_mode(self.device, self.precision, spec.compile)
+            if self.model_mode not in MODEL_MODES:
+                raise ValueError(f"unknown model mode {self.model_mode!r}; choose one of {MODEL_MODES}")
         model = model.eval()
-        if self.precision == "fp32":
+        if self.model_mode in ("fold", "fold-cast"):
             model = fuse(model)
+        cast = self.model_mode in ("cast", "fold-cast")
+        if cast:
+            model = model.to(dtype)
+            self.fc = self.fc.to(dtype)
+        self.input_dtype = dtype if cast else torch.float32
+        self.autocast_dtype = dtype if self.model_mode == "autocast" else None
         self.model = model.to(self.device, memory_format=torch.channels_last)
         # Largest batch that has fit so far; halved on CUDA out-of-memory.
         self.max_batch = spec.batch_size
+        self.mean = list(spec.mean)
+        self.std = list(spec.std)
+        self.categories = np.asarray(spec.categories, dtype=object)
         if spec.compile:
             self.model = torch.compile(self.model)
             # Compile now, on a full batch, so its warm-up stays out of the steady state.
             crop = spec.preprocess.crop_size
             self.forward(np.zeros((spec.batch_size, crop, crop, 3), np.uint8))
-        self.mean = list(spec.mean)
-        self.std = list(spec.std)
-        self.categories = np.asarray(spec.categories, dtype=object)
 
     def forward(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (N, H, W, 3) → (features float32 (N, D), logits float32 (N, classes)).
@@ -171,17 +215,17 @@ class Predictor:
                     for i in range(0, len(images), self.max_batch)
                 ]
                 break
-            except torch.cuda.OutOfMemoryError:
-                if self.max_batch == 1:
+            except RuntimeError as e:
+                if not is_out_of_memory(e) or self.max_batch == 1:
                     raise
-                self.max_batch = max(1, self.max_batch // 2)
+                self.max_batch = max(1, min(self.max_batch, len(images)) // 2)
                 torch.cuda.empty_cache()
         return torch.cat([f for f, _ in parts]), torch.cat([g for _, g in parts])
 
     @torch.inference_mode()
     def _forward(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(images, torch.Tensor):
-            x = images.to(self.device)
+        if isinstance(images, torch.Tensor):  # on the device already, or pinned: no wait either way
+            x = images.to(self.device, non_blocking=True)
         else:
             x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
             if self.device.type == "cuda":
@@ -189,8 +233,8 @@ class Predictor:
         # NHWC memory permuted to NCHW is already channels_last: no copy.
         x = x.permute(0, 3, 1, 2)
         # What torchvision's ImageClassification does after its crop: /255, then normalize.
-        x = TF.normalize(TF.convert_image_dtype(x, torch.float32), self.mean, self.std)
-        dtype = _DTYPES.get(self.precision)
+        x = TF.normalize(TF.convert_image_dtype(x, torch.float32), self.mean, self.std).to(self.input_dtype)
+        dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             feats = self.model(x)
             logits = self.fc(feats)
@@ -205,10 +249,16 @@ class Predictor:
         """
         errors = text_or_none(batch[C.ERROR])
         if self.spec.decode == "cpu":
-            return batch[C.IMAGE][np.array([e is None for e in errors], dtype=bool)], errors
+            ok = np.array([e is None for e in errors], dtype=bool)
+            # Indexing with a mask copies the whole batch; most batches have no error rows.
+            return (batch[C.IMAGE] if ok.all() else batch[C.IMAGE][ok]), errors
         todo = [i for i, e in enumerate(errors) if e is None]
         images, reasons = decode_jpeg_batch(
-            [batch[C.BYTES][i] for i in todo], self.spec.preprocess, self.device, self.spec.max_pixels
+            [batch[C.BYTES][i] for i in todo],
+            self.spec.preprocess,
+            self.device,
+            self.spec.max_pixels,
+            compile=self.spec.compile,
         )
         for i, reason in zip(todo, reasons, strict=True):
             errors[i] = reason
@@ -225,15 +275,24 @@ class Predictor:
         n = len(batch[C.ID])
         images, errors = self.inputs(batch)
         ok = np.array([e is None for e in errors], dtype=bool)
+        feats = logits = None
+        if ok.any():
+            feats, logits = self.forward(images)
+            # A checkpoint whose activations overflow (fp16 above 65504) gives inf or NaN:
+            # such rows become error rows, never numbers that poison a search index.
+            finite = (torch.isfinite(feats).all(1) & torch.isfinite(logits).all(1)).cpu().numpy()
+            if not finite.all():
+                bad = np.flatnonzero(ok)[~finite]
+                for i in bad:
+                    errors[i] = f"non-finite model output at {self.precision}; try --precision fp32"
+                ok[bad] = False
+                feats, logits = feats[finite], logits[finite]
         cols: dict[str, pa.Array] = {
             C.ID: pa.array(batch[C.ID], pa.string()),
             C.SOURCE: pa.array(batch[C.SOURCE], pa.string()),
             C.STATUS: pa.array(np.where(ok, C.STATUS_OK, C.STATUS_ERROR), pa.string()),
             C.ERROR: pa.array(errors, pa.string()),
         }
-        feats = logits = None
-        if ok.any():
-            feats, logits = self.forward(images)
         missing = pa.array(~ok)  # null mask for error rows
         if C.wants_classes(self.spec.task):
             k = min(self.spec.top_k, self.spec.num_classes)

@@ -204,3 +204,40 @@ def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, imag
     table, _ = read_output(out)
     assert table.schema.equals(C.output_schema("features", 512), check_metadata=False)
     assert sorted(table[C.ID].to_pylist()) == sorted(k.removeprefix("bad/") for k in BROKEN)
+
+
+def test_gpu_actor_pool_runs_two_calls_at_once_and_keeps_every_row(ray_cluster, resnet18_checkpoint):
+    """A GPU actor's pool (two calls at once, in threads) through Ray Data, on the CPU here:
+    every row comes back once, with the numbers of a plain call."""
+    import ray
+
+    from pipeline import models
+    from pipeline.config import ComputeConfig
+    from pipeline.predict import Predictor, PredictorSpec
+    from pipeline.run import GPU_CALLS_PER_ACTOR, actor_pool
+
+    pool = actor_pool(ComputeConfig(num_gpus_per_actor=1))
+    assert pool.max_concurrent_calls_per_actor == GPU_CALLS_PER_ACTOR == 2
+    assert pool.enable_true_multi_threading
+    assert actor_pool(ComputeConfig()).max_concurrent_calls_per_actor == 1
+
+    keys = sorted(ALL) * 3
+    items = [{C.ID: f"{i}/{k}", C.SOURCE: k, C.BYTES: ALL[k], C.ERROR: None} for i, k in enumerate(keys)]
+    w = models.resolve("resnet18", resnet18_checkpoint)
+    spec = PredictorSpec.from_weights(w, task="features", decode="gpu", device="cpu", threads=1)
+    ds = ray.data.from_items(items, override_num_blocks=6).map_batches(
+        Predictor, fn_constructor_kwargs={"spec": spec}, compute=pool, batch_size=4, num_cpus=0.5
+    )
+    rows = {r[C.ID]: r for r in ds.take_all()}
+    assert sorted(rows) == sorted(item[C.ID] for item in items)
+    plain = Predictor(spec)
+    for k in sorted(ALL):
+        want = plain({C.ID: np.array([k], object), C.SOURCE: np.array([k], object),
+                      C.BYTES: np.array([ALL[k]], object), C.ERROR: np.array([None], object)})  # fmt: skip
+        for i in (i for i, key in enumerate(keys) if key == k):
+            got = rows[f"{i}/{k}"]
+            assert got[C.STATUS] == want[C.STATUS][0].as_py() and got[C.ERROR] == want[C.ERROR][0].as_py()
+            if got[C.STATUS] == "ok":
+                np.testing.assert_allclose(
+                    got[C.EMBEDDING], want[C.EMBEDDING][0].as_py(), rtol=1e-4, atol=1e-4
+                )

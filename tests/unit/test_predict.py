@@ -1,12 +1,15 @@
 """The actor's callable class, run in-process: contract, error rows, equality with torchvision."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
+import torch
 
 from pipeline import columns as C
 from pipeline import models
 from pipeline.decode import Preprocess, decode_batch
-from pipeline.predict import Predictor, PredictorSpec
+from pipeline.predict import Predictor, PredictorSpec, is_out_of_memory, resolve_precision
 from tests.conftest import ALL, FIDELITY_IDS, reference
 
 
@@ -97,3 +100,79 @@ def test_decode_gpu_on_a_cpu_actor_gives_the_same_rows(weights):
     )
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.999
+
+
+def test_auto_precision_is_fp16_on_cuda_and_fp32_on_cpu():
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_compile_gives_torchvision_numbers(weights):
+    """--compile once failed in __init__ (its warm-up ran before the normalisation was set)."""
+    batch = decoded(weights, FIDELITY_IDS[:2])
+    eager = make_predictor(weights, task="features", batch_size=2)(batch)
+    compiled = make_predictor(weights, task="features", batch_size=2, compile=True)(batch)
+    a, b = (np.array(t[C.EMBEDDING].to_pylist()) for t in (eager, compiled))
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_concurrent_calls_give_the_rows_of_serial_calls(weights, decode):
+    """GPU actors run two calls at once in threads (run.GPU_CALLS_PER_ACTOR)."""
+    keys = sorted(ALL)
+    batches = [raw(keys[i : i + 3]) for i in range(0, len(keys), 3)]
+    if decode == "cpu":
+        spec = Preprocess.from_transforms(weights.transforms)
+        batches = [decode_batch(b, spec) for b in batches]
+    pred = make_predictor(weights, task="both", decode=decode, threads=1)
+    serial = [pred(b) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        threaded = list(pool.map(pred, batches * 2))
+    for got, want in zip(threaded, serial * 2, strict=True):
+        assert got.column_names == want.column_names
+        for column in (C.ID, C.STATUS, C.ERROR, C.TOPK_INDEX):
+            assert got[column].to_pylist() == want[column].to_pylist()
+        a, b = (np.array([e or [0.0] * 512 for e in t[C.EMBEDDING].to_pylist()]) for t in (got, want))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_model_output_becomes_an_error_row(resnet18_checkpoint):
+    """A checkpoint whose numbers overflow must not write inf or NaN into the output."""
+    sd = torch.load(resnet18_checkpoint, weights_only=True)
+    sd["fc.bias"][7] = float("inf")
+    w = models.resolve("resnet18", "none")
+    pred = Predictor(PredictorSpec.from_weights(w, state_dict=sd, task="both"))
+    table = pred(decoded(w, ["good/cat.jpg", "bad/empty.jpg"]))
+    assert table[C.STATUS].to_pylist() == ["error", "error"]
+    assert table[C.ERROR][0].as_py() == "non-finite model output at fp32; try --precision fp32"
+    assert table[C.EMBEDDING].null_count == 2 and table[C.CLASS_INDEX].null_count == 2
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """The model, behind a CUDA memory limit: batches above ``limit`` images raise as CUDA does."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_smaller_size(weights):
+    pred = make_predictor(weights, task="features", batch_size=8)
+    images = decoded(weights, FIDELITY_IDS + FIDELITY_IDS[:3])[C.IMAGE]
+    want, _ = pred.forward(images)
+    pred.model = _OutOfMemoryAbove(pred.model, limit=2)
+    got, _ = pred.forward(images)
+    assert pred.max_batch == 2 and pred.model.sizes[:3] == [8, 4, 2]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    pred.model.sizes.clear()
+    pred.forward(images[:4])
+    assert pred.model.sizes == [2, 2]  # the smaller batch is kept
+    assert not is_out_of_memory(ValueError("out of memory")) and is_out_of_memory(
+        RuntimeError("CUDA error: out of memory")
+    )
