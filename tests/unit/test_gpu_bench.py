@@ -26,11 +26,24 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
         [sys.executable, "-c", WITHOUT_RAY_OR_PYARROW, "--smoke", "--device", "cpu", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [name] = os.listdir(tmp_path)
     result = json.loads((tmp_path / name).read_text())
-    assert set(result["model_only"]) == {"resnet18/fp32"}
-    assert set(result["from_jpeg"]) == {"resnet18/fp32/cpu-decode", "resnet18/fp32/gpu-decode"}
-    assert [(m["decode"], m["precision"]) for m in result["fidelity"]] == [("cpu", "fp32"), ("gpu", "fp32")]
-    # On the CPU the "gpu" decoder is torchvision's decode_jpeg plus tensor resize: nearly PIL's pixels.
-    assert all(m["ours"]["cosine_min"] >= 0.999 for m in result["fidelity"]), result["fidelity"]
+    assert result["errors"] == {} and result["skipped"] == []
+    sections = result["sections"]
+    assert {"resnet18/fp32/fold/b4/device", "resnet18/bf16/fold-cast/b4/device"} <= set(
+        sections["model_only"]
+    )
+    assert "resnet18/bf16/autocast/b4/numpy" in sections["model_only"]
+    e2e = sections["end_to_end"]
+    assert {
+        "resnet18/bf16/autocast/decode-gpu/threads2",
+        "resnet18/bf16/autocast/decode-cpu/threads1",
+    } <= set(e2e)
+    fid = sections["fidelity"]
+    # On the CPU the "gpu" decoder is torchvision's decode_jpeg plus the Pillow-like tensor resize.
+    for kind in ("baseline", "422", "exif", "progressive", "444", "grey", "cmyk"):
+        assert fid[f"pixels/{kind}"]["max"] <= 1 and fid[f"pixels/{kind}"]["errors"] == 0, fid
+    for key in ("resnet18/fp32/fold/decode-cpu", "resnet18/fp32/fold/decode-gpu"):
+        assert fid[key]["all"]["cosine_min"] >= 0.999, fid[key]
+    assert "500x375/decode_jpeg_batch" in sections["decoding"]
