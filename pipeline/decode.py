@@ -57,32 +57,79 @@ class Preprocess:
         )
 
 
-def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decodes image bytes to an RGB PIL image with EXIF orientation applied.
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's resize of the shorter side to ``size``."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def size_error(width: int, height: int, max_pixels: int, spec: Preprocess | None = None) -> str | None:
+    """Why an image of this size is refused, or None.
+
+    ``max_pixels`` bounds the image as stored and, given ``spec``, after the preset's resize:
+    a strip of a few thousand pixels (4000x2) grows to hundreds of millions when its
+    shorter side is scaled up to 256.
+    """
+    if width < 1 or height < 1:
+        return f"image has no pixels ({width}x{height})"
+    if width * height > max_pixels:
+        return f"image has {width}x{height}={width * height} pixels, above the limit of {max_pixels}"
+    if spec is not None:
+        rw, rh = resized_size(width, height, spec.resize_size)
+        if rw * rh > max_pixels:
+            return (
+                f"image of {width}x{height} would be {rw}x{rh}={rw * rh} pixels once resized, "
+                f"above the limit of {max_pixels}"
+            )
+    return None
+
+
+def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Preprocess | None = None):
+    """Opens image bytes lazily (Pillow reads the header only) and checks the size.
+
+    ``max_pixels`` is the only limit: Pillow's own decompression-bomb limit is raised to
+    it when it is larger, never lowered.
 
     Raises:
-        DecodeError: empty, truncated or unrecognised data, or more than ``max_pixels``.
+        DecodeError: empty or unrecognised data, or too many pixels (``size_error``).
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
-            # The pixel limit is enforced below, against our own setting.
+            # The pixel limit is enforced here, against our own setting.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise DecodeError(
-                    f"image has {width}x{height}={width * height} pixels, above the limit of {max_pixels}"
-                )
-            img.load()  # Forces the full decode: a truncated file fails here, not later.
-            img = ImageOps.exif_transpose(img)
-    except DecodeError:
-        raise
     except Image.UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
     except Image.DecompressionBombError as e:
         raise DecodeError(f"image too large: {e}") from None
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, EOFError...
+        raise DecodeError(_short(e)) from None
+    reason = size_error(*img.size, max_pixels, spec)
+    if reason:
+        raise DecodeError(reason)
+    return img
+
+
+def open_rgb(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Preprocess | None = None
+) -> Image.Image:
+    """Decodes image bytes to an RGB PIL image with EXIF orientation applied.
+
+    Raises:
+        DecodeError: empty, truncated or unrecognised data, or too many pixels, as stored or,
+            given ``spec``, once resized.
+    """
+    img = open_header(data, max_pixels, spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()  # Forces the full decode: a truncated file fails here, not later.
+            img = ImageOps.exif_transpose(img)
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, EOFError...
         raise DecodeError(_short(e)) from None
     return to_rgb(img)
@@ -119,7 +166,7 @@ def preprocess(img: Image.Image, spec: Preprocess) -> np.ndarray:
 
 def decode(data: bytes, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """bytes → uint8 (crop, crop, 3). Raises DecodeError with a short reason."""
-    img = open_rgb(data, max_pixels)
+    img = open_rgb(data, max_pixels, spec)
     try:
         return preprocess(img, spec)
     except Exception as e:
@@ -202,7 +249,7 @@ def decode_jpeg_batch(
     device = torch.device(device)
     out = torch.zeros((len(datas), spec.crop_size, spec.crop_size, 3), dtype=torch.uint8, device=device)
     errors: list[str | None] = [None] * len(datas)
-    headers = {i: h for i, d in enumerate(datas) if (h := _device_jpeg_header(d, max_pixels))}
+    headers = {i: h for i, d in enumerate(datas) if (h := _device_jpeg_header(d, max_pixels, spec))}
     jpeg = list(headers)
     decoded = {
         i: img
@@ -255,15 +302,15 @@ class JpegHeader(NamedTuple):
     sampling: tuple[int, int]  # chroma subsampling (vertical, horizontal): (2, 2) is 4:2:0
 
 
-def _device_jpeg_header(data: bytes, max_pixels: int) -> JpegHeader | None:
+def _device_jpeg_header(data: bytes, max_pixels: int, spec: Preprocess | None = None) -> JpegHeader | None:
     """What the device path needs of a JPEG it may take: an RGB or greyscale one whose
-    header Pillow reads (without decoding), within the pixel limit, with chroma subsampled
-    by 1 or 2 each way. None for anything else (the CPU path takes it)."""
+    header Pillow reads (without decoding), within the pixel limit (``size_error``), with
+    chroma subsampled by 1 or 2 each way. None for anything else (the CPU path takes it,
+    and gives a refused one its reason)."""
     if not data or data[:3] != b"\xff\xd8\xff":
         return None
     try:
-        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-        width, height = img.size
+        img = open_header(data, max_pixels, spec)  # lazy: reads the header only
         mode = img.mode
         orientation = int(img.getexif().get(0x0112, 1))
         sampling = (1, 1)
@@ -274,12 +321,7 @@ def _device_jpeg_header(data: bytes, max_pixels: int) -> JpegHeader | None:
             sampling = (v0 // v1, h0 // h1)
     except Exception:
         return None
-    if (
-        width * height > max_pixels
-        or mode not in _DEVICE_JPEG_MODES
-        or not 1 <= orientation <= 8
-        or not set(sampling) <= {1, 2}
-    ):
+    if mode not in _DEVICE_JPEG_MODES or not 1 <= orientation <= 8 or not set(sampling) <= {1, 2}:
         return None
     return JpegHeader(orientation, sampling)
 

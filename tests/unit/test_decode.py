@@ -18,12 +18,13 @@ from pipeline.decode import (
     decode_batch,
     decode_jpeg_batch,
     fancy_upsample,
+    open_header,
     open_rgb,
     refine_chroma,
     ycc_to_rgb,
 )
 from pipeline.samples import photo_like
-from tests.conftest import BROKEN, GOOD
+from tests.conftest import BROKEN, GOOD, _encode
 
 SPEC = Preprocess(resize_size=256, crop_size=224)
 
@@ -50,10 +51,12 @@ def test_broken_inputs_raise_a_short_reason(key, reason):
 
 
 def test_pixel_limit_is_an_error_before_decoding():
-    data = GOOD["good/cat.jpg"]  # 320x240 = 76800 pixels
-    with pytest.raises(DecodeError, match="above the limit of 76799"):
+    data = GOOD["good/cat.jpg"]  # 320x240 = 76800 pixels; 341x256 = 87296 once resized
+    with pytest.raises(DecodeError, match="has 320x240=76800 pixels, above the limit of 76799"):
         decode(data, SPEC, max_pixels=76_799)
-    assert decode(data, SPEC, max_pixels=76_800).shape == (224, 224, 3)
+    with pytest.raises(DecodeError, match="would be 341x256=87296 pixels once resized"):
+        decode(data, SPEC, max_pixels=87_295)
+    assert decode(data, SPEC, max_pixels=87_296).shape == (224, 224, 3)
 
 
 def test_exif_orientation_is_applied():
@@ -210,3 +213,27 @@ def _encode_jpeg(img, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", **{"quality": 90, **kw})
     return buf.getvalue()
+
+
+def test_a_thin_strip_is_refused_by_its_size_once_resized():
+    """4000x2 is 8,000 pixels, but 131 million once its shorter side is scaled to 256."""
+    strip = _encode(Image.new("RGB", (4000, 2), (200, 30, 30)), "PNG")
+    with pytest.raises(DecodeError, match="would be 512000x256=131072000 pixels once resized"):
+        decode(strip, SPEC)
+    out = decode_batch(
+        {C.ID: np.array(["s"], object), C.SOURCE: np.array(["s"], object),
+         C.BYTES: np.array([strip], object), C.ERROR: np.array([None], object)},
+        SPEC,
+    )  # fmt: skip
+    assert "once resized" in out[C.ERROR][0]
+    assert decode(strip, SPEC, max_pixels=200_000_000).shape == (224, 224, 3)
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured():
+    """Pillow refuses twice its MAX_IMAGE_PIXELS at open; --max-pixels is the only limit."""
+    big = _encode(Image.new("1", (15_000, 12_500)), "PNG")  # 187.5M pixels, a few KB
+    with pytest.raises(DecodeError, match="above the limit of 89478485"):
+        open_header(big)
+    assert open_header(big, max_pixels=200_000_000).size == (15_000, 12_500)
+    with pytest.raises(DecodeError, match="above the limit of 100"):
+        open_header(big, max_pixels=100)
