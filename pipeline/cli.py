@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from datetime import date
 
 from pipeline import __version__
 from pipeline.storage import storage_options
@@ -143,14 +144,45 @@ def load_config_file(path: str, parser: argparse.ArgumentParser, storage_options
         raise ConfigError(f"cannot parse config file {path}: {e}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of options")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("config", "help"):
+        if dest not in actions or dest in ("config", "help"):
             raise ConfigError(f"unknown option {key!r} in config file {path}")
-        out[dest] = ",".join(map(str, value)) if dest == "actors" and isinstance(value, list) else value
+        want = _config_type_error(actions[dest], value)
+        if want:
+            raise ConfigError(f"option {key!r} in config file {path} must be {want}, got {value!r}")
+        if dest == "actors" and isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif dest == "date" and isinstance(value, date):
+            value = value.isoformat()
+        out[dest] = value
     return out
+
+
+def _config_type_error(action: argparse.Action, value) -> str | None:
+    """What a config file's value must be to stand for ``action``'s flag, or None if it is.
+
+    As strict as the flag: ``overwrite = "false"`` is a string, not false.
+    """
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(action, argparse._StoreTrueAction):
+        return None if isinstance(value, bool) else "true or false"
+    if action.type is int:
+        return None if integer(value) else "an integer"
+    if action.type is float:
+        return None if integer(value) or isinstance(value, float) else "a number"
+    if action.dest == "actors":
+        ok = integer(value) or isinstance(value, str)
+        ok = ok or (isinstance(value, list) and 1 <= len(value) <= 2 and all(map(integer, value)))
+        return None if ok else "an integer, MIN,MAX text or a list [MIN, MAX]"
+    if action.dest == "date" and isinstance(value, date):
+        return None  # YAML reads 2026-11-27 as a date
+    return None if isinstance(value, str) else "a string"
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:

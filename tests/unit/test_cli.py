@@ -128,3 +128,35 @@ def test_jobs_take_the_same_flags(job, tmp_path):
     )
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: input not found: {tmp_path / 'none'}"
+
+
+@pytest.mark.parametrize(
+    "suffix, text, message",
+    [
+        (".toml", 'overwrite = "false"\n', "'overwrite' in config file PATH must be true or false"),
+        (".yaml", 'batch-size: "64"\n', "'batch-size' in config file PATH must be an integer, got '64'"),
+        (".yaml", "top-k: true\n", "'top-k' in config file PATH must be an integer, got True"),
+        (".yaml", "num-gpus-per-actor: one\n", "'num-gpus-per-actor' in config file PATH must be a number"),
+        (".yaml", "model: 50\n", "'model' in config file PATH must be a string, got 50"),
+        (".yaml", "actors: [1, 2, 3]\n", "'actors' in config file PATH must be an integer, MIN,MAX"),
+    ],
+)  # fmt: skip
+def test_config_file_values_are_typed_as_strictly_as_flags(tmp_path, capsys, suffix, text, message):
+    """A string "false" once turned --overwrite on."""
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.parquet").write_bytes(b"x")
+    argv = ["run", "--config", str(path), "--input", str(tmp_path / "i"), "--output", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    expected = "error: option " + message.replace("PATH", str(path))
+    assert capsys.readouterr().err.strip().startswith(expected)
+    assert (tmp_path / "o" / "old.parquet").exists()
+
+
+def test_config_file_takes_yaml_dates_and_numbers_where_flags_do(tmp_path):
+    path = tmp_path / "n.yaml"
+    path.write_text("date: 2026-11-27\nmax-error-fraction: 0\nactors: 2\noverwrite: false\n")
+    args = parse(["nightly", "--config", str(path), "--input", "x", "--output", "y"])
+    assert args.date == "2026-11-27" and args.max_error_fraction == 0 and args.actors == 2
+    assert args.overwrite is False and cli.config_from_args(args).compute.actors == (2, 2)
