@@ -15,6 +15,7 @@ format, on the same fsspec file systems, gives all three.
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import tarfile
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from pipeline.decode import IMAGE_EXTENSIONS
 from pipeline.storage import is_hidden, url_to_fs
 
 FORMATS = ("auto", "images", "webdataset", "parquet")
-TAR_EXTENSIONS = (".tar",)
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 
 # Image files per read task for folders: enough to amortise a task, small enough to spread.
@@ -44,6 +45,9 @@ READ_SCHEMA = pa.schema(
         pa.field(C.ERROR, pa.string()),
     ]
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -107,10 +111,12 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
     found: dict[str, int] = {}
     versions: dict[str, str] = {}
     root = None
-    for pattern in expand_braces(uri):
+    # A name that exists is taken literally: "img[1].jpg" or "{a}.tar" is a file, not a pattern.
+    literal = any(ch in uri for ch in "*?[{") and _exists(fs, fs._strip_protocol(uri))
+    for pattern in [uri] if literal else expand_braces(uri):
         path = fs._strip_protocol(pattern)
         try:
-            if any(ch in path for ch in "*?["):
+            if not literal and any(ch in path for ch in "*?["):
                 hits = fs.glob(path, detail=True)
                 base = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
                 entries = {p: d for p, d in hits.items() if d.get("type") != "directory"}
@@ -149,6 +155,13 @@ def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None)
         skipped=len(found) - len(keep),
         versions={fs.unstrip_protocol(p): versions[p] for p in keep},
     )
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except Exception:
+        return False
 
 
 def _version(info: dict) -> str:
@@ -212,10 +225,10 @@ Row = tuple  # (id, source, bytes | None, error | None)
 
 def _image_rows(fs, shard: Shard) -> Iterator[Row]:
     paths = [fs._strip_protocol(u) for u in shard.uris]
-    # cat() on many paths fetches them concurrently on object stores.
-    data = fs.cat(paths, on_error="return")
-    for uri, path in zip(shard.uris, paths, strict=True):
-        value = data.get(path, FileNotFoundError(path))
+    # cat_ranges fetches whole files, concurrently on object stores, and takes each path
+    # literally (cat() would read "img[1].jpg" as a glob pattern).
+    data = fs.cat_ranges(paths, None, None, on_error="return")
+    for uri, value in zip(shard.uris, data, strict=True):
         rid = relative_id(uri, shard.root)
         if isinstance(value, BaseException):
             yield rid, uri, None, f"cannot read file: {type(value).__name__}: {value}"[:300]
@@ -223,12 +236,19 @@ def _image_rows(fs, shard: Shard) -> Iterator[Row]:
             yield rid, uri, bytes(value), None
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the path up to the first dot of the file name."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    key = f"{directory}/{stem}" if directory else stem
-    return key, (ext.lower() if dot else "")
+# WebDataset's rule (webdataset.tariterators): a member's key is its path up to the first
+# dot of its file name, which must not be empty. Unlike WebDataset's own pattern, the part
+# before that dot may not hold a "/" (which made "photos/._x.jpg" the key "photos/").
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$")
+
+
+def _split_key(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member, as WebDataset splits it; None for a name it skips
+    (no extension, or an empty key such as macOS's ``._photo.jpg``)."""
+    match = _KEY_EXT.match(name)
+    if match is None:
+        return None
+    return match.group(1), match.group(2).lower()
 
 
 def _pick_image(members: dict[str, bytes]) -> str | None:
@@ -239,6 +259,11 @@ def _pick_image(members: dict[str, bytes]) -> str | None:
 
 
 def _tar_rows(fs, shard: Shard) -> Iterator[Row]:
+    """Samples of a tar shard (plain, gzip, bzip2 or xz), in order.
+
+    Regular files and hard links (followed within the tar) are members; directories,
+    symbolic links, devices and names WebDataset skips are counted and logged, never rows.
+    """
     uri = shard.uris[0]
     key, members = None, {}
 
@@ -249,18 +274,17 @@ def _tar_rows(fs, shard: Shard) -> Iterator[Row]:
             return key, uri, None, f"sample has no image member (has {have})"
         return key, uri, members[ext], None
 
-    seen = 0
+    seen = skipped = 0
     try:
-        with (
-            fs.open(fs._strip_protocol(uri), "rb") as f,
-            tarfile.open(fileobj=f, mode="r|*") as tar,
-        ):
+        # Random access ("r:*", not the stream mode "r|*"): a hard link reads its target's
+        # data, which comes earlier in the tar. Members are still read in order.
+        with fs.open(fs._strip_protocol(uri), "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for info in tar:
-                if not info.isfile():
+                split = _split_key(info.name) if info.isfile() or info.islnk() else None
+                if split is None:
+                    skipped += 1
                     continue
-                k, ext = _split_key(info.name)
-                if k.rsplit("/", 1)[-1].startswith((".", "_")):
-                    continue  # tar metadata such as ._* AppleDouble files
+                k, ext = split
                 if k != key and key is not None:
                     seen += 1
                     yield emit(key, members)
@@ -278,6 +302,8 @@ def _tar_rows(fs, shard: Shard) -> Iterator[Row]:
             None,
             (f"unreadable tar shard after {seen} samples: {type(e).__name__}: {e}"[:300]),
         )
+    if skipped:
+        log.warning("%s: %d tar members skipped (not files, or not WebDataset sample names)", uri, skipped)
 
 
 def _parquet_rows(fs, shard: Shard, image_column: str, id_column: str) -> Iterator[Row]:

@@ -132,3 +132,71 @@ def test_images_are_grouped_into_shards(tmp_path):
         (tmp_path / f"{i:03d}.jpg").write_bytes(b"x")
     parts = shards(list_input(str(tmp_path)))
     assert [len(s.uris) for s in parts] == [sources.FILES_PER_SHARD, 3]
+
+
+def _tar_with(path, members, mode="w"):
+    """A tar of (TarInfo fields, data) members, written by tarfile itself."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, mode) as tar:
+        for fields, data in members:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for k, v in fields.items():
+                setattr(info, k, v)
+            info.size = len(data) if info.isfile() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+
+
+def test_tar_members_follow_webdatasets_naming_rules(tmp_path, caplog):
+    """Keys starting with _ are samples; AppleDouble ._ files, directories and symbolic
+    links are skipped and counted; a hard link reads its target's bytes."""
+    import tarfile
+
+    cat, dog = GOOD["good/cat.jpg"], GOOD["good/UPPER.JPG"]
+    _tar_with(
+        tmp_path / "s.tar",
+        [
+            ({"name": "photos", "type": tarfile.DIRTYPE}, b""),
+            ({"name": "photos/_private.jpg"}, cat),
+            ({"name": "photos/._private.jpg"}, b"\x00\x05\x16\x07 AppleDouble"),
+            ({"name": "__meta__.json"}, b"{}"),
+            ({"name": "photos/again.jpg", "type": tarfile.LNKTYPE, "linkname": "photos/_private.jpg"}, b""),
+            ({"name": "photos/soft.jpg", "type": tarfile.SYMTYPE, "linkname": "_private.jpg"}, b""),
+            ({"name": "photos/dog.jpg"}, dog),
+            ({"name": "photos/dog.cls"}, b"7"),
+        ],
+    )
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        got = {r[C.ID]: r for r in rows(list_input(str(tmp_path)))}
+    assert sorted(got) == ["__meta__", "photos/_private", "photos/again", "photos/dog"], sorted(got)
+    assert got["photos/_private"][C.BYTES] == cat and got["photos/again"][C.BYTES] == cat
+    assert got["photos/dog"][C.BYTES] == dog
+    assert all(got[k][C.ERROR] is None for k in ("photos/_private", "photos/again", "photos/dog"))
+    assert got["__meta__"][C.ERROR] == "sample has no image member (has json)"  # as WebDataset groups it
+    assert "3 tar members skipped" in caplog.text  # the folder, ._private.jpg, soft.jpg
+
+
+@pytest.mark.parametrize("name, mode", [("s.tar.gz", "w:gz"), ("s.tgz", "w:gz"), ("s.tar", "w")])
+def test_compressed_tar_shards_are_read(tmp_path, name, mode):
+    _tar_with(
+        tmp_path / name,
+        [({"name": "a.jpg"}, GOOD["good/cat.jpg"]), ({"name": "b.png"}, GOOD["good/dog.png"])],
+        mode,
+    )
+    listing = list_input(str(tmp_path))
+    assert listing.format == "webdataset" and len(listing.files) == 1
+    got = {r[C.ID]: r[C.BYTES] for r in rows(listing)}
+    assert got == {"a": GOOD["good/cat.jpg"], "b": GOOD["good/dog.png"]}
+
+
+def test_file_names_with_glob_characters_are_read_literally(tmp_path):
+    names = ["img[1].jpg", "a*b.jpg", "what?.jpg", "{x,y}.jpg"]
+    for n in names:
+        (tmp_path / n).write_bytes(GOOD["good/cat.jpg"])
+    got = {r[C.ID]: r for r in rows(list_input(str(tmp_path)))}
+    assert sorted(got) == sorted(names)
+    assert all(r[C.BYTES] == GOOD["good/cat.jpg"] and r[C.ERROR] is None for r in got.values())
+    for n in names:  # one such file, named as the input
+        [(uri, _)] = list_input(str(tmp_path / n)).files
+        assert uri.endswith(n)
