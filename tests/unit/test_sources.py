@@ -200,3 +200,45 @@ def test_file_names_with_glob_characters_are_read_literally(tmp_path):
     for n in names:  # one such file, named as the input
         [(uri, _)] = list_input(str(tmp_path / n)).files
         assert uri.endswith(n)
+
+
+def test_a_parquet_file_of_the_wrong_layout_becomes_error_rows_and_the_rest_is_read(tmp_path):
+    """One malformed file used to fail the whole run, good files included."""
+    cat = GOOD["good/cat.jpg"]
+    pq.write_table(pa.table({"id": ["good"], "image": pa.array([cat], pa.binary())}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"image": pa.array([1, 2], pa.int64())}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"image": pa.array(["x.jpg"], pa.string())}), tmp_path / "c.parquet")
+    no_bytes = pa.array([{"path": "p.jpg"}], pa.struct([("path", pa.string())]))
+    pq.write_table(pa.table({"image": no_bytes}), tmp_path / "d.parquet")
+    odd_ids = pa.array([{"k": 1}], pa.struct([("k", pa.int64())]))
+    pq.write_table(
+        pa.table({"id": odd_ids, "image": pa.array([cat], pa.large_binary())}), tmp_path / "e.parquet"
+    )
+    got = {r[C.ID]: r for r in rows(list_input(str(tmp_path)))}
+    assert got["good"][C.BYTES] == cat and got["good"][C.ERROR] is None
+    assert got["b.parquet#0"][C.ERROR] == "column 'image' holds int64, not image bytes (binary)"
+    assert got["b.parquet#1"][C.ERROR] == got["b.parquet#0"][C.ERROR]
+    assert got["c.parquet#0"][C.ERROR] == "column 'image' holds string, not image bytes (binary)"
+    assert got["d.parquet#0"][C.ERROR].startswith("column 'image' is a struct without a 'bytes' field")
+    assert got["e.parquet#0"][C.BYTES] == cat  # ids that cannot be text: <file>#<row>
+    assert len(got) == 6
+
+
+def test_a_parquet_file_that_breaks_midway_keeps_its_rows_and_names_the_rest(tmp_path):
+    images = [GOOD["good/cat.jpg"], GOOD["good/dog.png"]] * 50
+    path = tmp_path / "a.parquet"
+    table = pa.table({"image": pa.array(images, pa.binary())})
+    pq.write_table(table, path, row_group_size=50, use_dictionary=False, compression="none")
+    meta = pq.ParquetFile(path).metadata
+    offset = meta.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    assert offset + 300 < len(data) - meta.serialized_size
+    data[offset + 8 : offset + 300] = b"\xff" * 292  # the second row group's first page
+    path.write_bytes(bytes(data))
+    got = rows(list_input(str(tmp_path)))
+    assert len(got) == 100
+    assert [r[C.BYTES] for r in got[:50]] == images[:50]
+    assert all(
+        r[C.BYTES] is None and "unreadable Parquet row group 1 after row 50" in r[C.ERROR] for r in got[50:]
+    )
+    assert [r[C.ID] for r in got[50:]] == [f"a.parquet#{i}" for i in range(50, 100)]
