@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import date
 
 from pipeline import __version__
-from pipeline.storage import storage_options
+from pipeline.storage import redact, storage_options
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -249,7 +249,7 @@ def run_command(args: argparse.Namespace) -> int:
         plan = run.prepare(config)
         announce(plan)
         for line in run.run(config, plan).lines():
-            print(line)
+            print(redact(line))
         return 0
 
     return guarded(go)
@@ -264,9 +264,11 @@ def announce(plan) -> None:
     """The first log lines: which code runs, and on what."""
     print_origin()
     print(
-        f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
-        f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
-        f"task {plan.config.model.task}, precision {plan.precision}, decode {plan.config.compute.decode}",
+        redact(
+            f"pipeline: {plan.listing.format} input, {len(plan.listing.files)} files; "
+            f"{plan.weights.model} weights {plan.weights.tag} ({plan.weights.pretrained_source}); "
+            f"task {plan.config.model.task}, precision {plan.precision}, decode {plan.config.compute.decode}"
+        ),
         file=sys.stderr,
     )
     on_cpu = plan.config.compute.num_gpus_per_actor == 0
@@ -297,7 +299,7 @@ def guarded(work) -> int:
             return fail(str(e))
         # A Ray task error's text is a traceback; its last line names the cause.
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        print(f"error: run failed: {last[:300]}", file=sys.stderr)
+        print(redact(f"error: run failed: {last[:300]}"), file=sys.stderr)
         return EXIT_RUN_FAILED
 
 
@@ -312,14 +314,14 @@ def nightly_command(args: argparse.Namespace) -> int:
         date = check_date(args.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"))
         print_origin()
         result = run_nightly(config, date, args.max_error_fraction)
-        print(result.message, file=sys.stderr if result.exit_code else sys.stdout)
+        print(redact(result.message), file=sys.stderr if result.exit_code else sys.stdout)
         return result.exit_code
 
     return guarded(go)
 
 
 def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(redact(f"error: {message}"), file=sys.stderr)
     return EXIT_BAD_INPUT
 
 

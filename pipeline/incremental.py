@@ -39,7 +39,7 @@ from pipeline import columns as C
 from pipeline import run as runner
 from pipeline import sinks, sources
 from pipeline.config import ConfigError, RunConfig
-from pipeline.storage import is_hidden, url_to_fs
+from pipeline.storage import is_hidden, redact, url_to_fs
 
 STATE = "_state"
 LEDGER = f"{STATE}/ledger.json"
@@ -208,13 +208,16 @@ def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) 
         print("recovered an interrupted commit: its inputs are redone", file=sys.stderr)
     ledger = root.read_json(LEDGER, {})
     visible = root.visible_parquet(root.listing())
-    todo = plan_inputs(listing.versions, ledger, visible)
+    # The ledger is keyed by the inputs' URIs as the `source` column holds them: redacted.
+    real = {redact(u): u for u in listing.versions}
+    versions = {key: listing.versions[u] for key, u in real.items()}
+    todo = plan_inputs(versions, ledger, visible)
     if not todo:
         return NightlyResult(
             0, f"nothing new under {config.source.input}; {len(ledger)} inputs done", partition
         )
 
-    plan = runner.prepare(config, listing=listing.only(todo), check_output=False)
+    plan = runner.prepare(config, listing=listing.only({real[u] for u in todo}), check_output=False)
     run_id = runner.new_run_id()
     staging = sinks.staging_dir(root.uri, run_id)
     ex = runner.execute(plan, staging)
@@ -235,7 +238,7 @@ def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) 
         rows = sum(c[u][0] for c in counts.values() if u in c)
         errors = sum(c[u][1] for c in counts.values() if u in c)
         new_ledger[u] = {
-            "version": listing.versions[u],
+            "version": versions[u],
             "partition": partition,
             "files": files,
             "rows": rows,

@@ -18,6 +18,8 @@ import torch
 from torchvision import models as tvm
 from torchvision.transforms._presets import ImageClassification
 
+from pipeline.storage import redact
+
 # The seed's family: BasicBlock for 18/34, Bottleneck (expansion 4) for 50/101/152.
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -146,7 +148,7 @@ def resolve(
     elif is_checkpoint(weights):
         data = _read_bytes(weights, storage_options)
         state_dict = _load_state_dict(weights, data)
-        tag, source = f"sha256:{hashlib.sha256(data).hexdigest()}", weights
+        tag, source = f"sha256:{hashlib.sha256(data).hexdigest()}", redact(weights)
         transforms = _checkpoint_transforms(**size_overrides)
     else:
         entry = torchvision_weights(model, weights)

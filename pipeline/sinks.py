@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import columns as C
-from pipeline.storage import is_hidden, url_to_fs
+from pipeline.storage import is_hidden, redact_all, url_to_fs
 
 COMPRESSION = "zstd"
 METADATA_PREFIX = "pipeline."
@@ -83,7 +83,7 @@ def provenance(model: str, weights: str, task: str, preprocessing: dict, precisi
         "versions": json.dumps(versions, sort_keys=True),
         "run_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return {METADATA_PREFIX + k: v for k, v in values.items()}
+    return {METADATA_PREFIX + k: v for k, v in redact_all(values).items()}
 
 
 def _filename_provider():
@@ -148,7 +148,7 @@ def write_report(uri: str, report: dict, storage_options: dict | None = None) ->
 
     path = f"{uri.rstrip('/')}/{REPORT_NAME}"
     with open_file(path, "w", storage_options) as f:
-        json.dump(report, f, indent=2, sort_keys=True)
+        json.dump(redact_all(report), f, indent=2, sort_keys=True)
     return path
 
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline import columns as C
 from pipeline.decode import IMAGE_EXTENSIONS
-from pipeline.storage import is_hidden, url_to_fs
+from pipeline.storage import is_hidden, redact, url_to_fs
 
 FORMATS = ("auto", "images", "webdataset", "parquet")
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -96,8 +96,13 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for opt in options for p in expand_braces(head + opt + tail)]
 
 
+def _without_query(uri: str) -> str:
+    """An HTTP(S) URL without its query string (a presigned URL's credentials)."""
+    return uri.split("?", 1)[0] if uri.lower().startswith(("http://", "https://")) else uri
+
+
 def _has_ext(path: str, exts: tuple[str, ...]) -> bool:
-    return path.lower().endswith(exts)
+    return _without_query(path).lower().endswith(exts)
 
 
 def list_input(uri: str, fmt: str = "auto", storage_options: dict | None = None) -> Listing:
@@ -197,7 +202,7 @@ def shards(listing: Listing) -> list[Shard]:
 
 
 def relative_id(uri: str, root: str) -> str:
-    root = root.rstrip("/") + "/"
+    uri, root = _without_query(uri), _without_query(root).rstrip("/") + "/"
     return uri[len(root) :] if uri.startswith(root) else uri.rsplit("/", 1)[-1]
 
 
@@ -216,8 +221,13 @@ def read_shard(
     else:
         rows = _parquet_rows(fs, shard, image_column, id_column)
     while batch := list(itertools.islice(rows, ROWS_PER_BATCH)):
+        # ids and sources are stored in the output: never with a URI's credentials.
         yield pa.Table.from_pylist(
-            [dict(zip(READ_SCHEMA.names, r, strict=True)) for r in batch], schema=READ_SCHEMA
+            [
+                {C.ID: redact(rid), C.SOURCE: redact(src), C.BYTES: data, C.ERROR: error}
+                for rid, src, data, error in batch
+            ],
+            schema=READ_SCHEMA,
         )
 
 
@@ -304,7 +314,9 @@ def _tar_rows(fs, shard: Shard) -> Iterator[Row]:
             (f"unreadable tar shard after {seen} samples: {type(e).__name__}: {e}"[:300]),
         )
     if skipped:
-        log.warning("%s: %d tar members skipped (not files, or not WebDataset sample names)", uri, skipped)
+        log.warning(
+            "%s: %d tar members skipped (not files, or not WebDataset sample names)", redact(uri), skipped
+        )
 
 
 def _parquet_rows(fs, shard: Shard, image_column: str, id_column: str) -> Iterator[Row]:

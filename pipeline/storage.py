@@ -9,6 +9,7 @@ to output files or reports.
 from __future__ import annotations
 
 import os
+import re
 
 # botocore's "standard" retry mode retries throttling (503 SlowDown), 500/502/504,
 # connection resets and read timeouts with exponential backoff and jitter.
@@ -70,3 +71,30 @@ def open_file(uri: str, mode: str = "rb", options: dict | None = None):
     import fsspec
 
     return fsspec.open(uri, mode, **options_for(uri, options))
+
+
+# A URI's secrets: "user:password@", and the query string of an HTTP(S) URL (a presigned
+# URL carries the key id, signature and session token there). Other schemes keep theirs:
+# "?" is a legal character of file and object names.
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+_QUERY = re.compile(r"\b(https?://[^\s?#\"'`]*)\?[^\s#\"'`]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it removed.
+
+    Applied to whatever leaves a run: printed lines, logs, the report, manifests, the
+    ledger, Parquet metadata and the ``source``/``id`` columns.
+    """
+    return _QUERY.sub(r"\1?<redacted>", _USERINFO.sub(r"\1<redacted>@", text))
+
+
+def redact_all(value):
+    """``redact`` over every string inside nested dicts, lists and tuples (keys too)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_all(k): redact_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_all(v) for v in value)
+    return value

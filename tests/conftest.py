@@ -209,3 +209,27 @@ def s3(s3_server, monkeypatch):
     for bucket in fs.ls(""):
         fs.rm(bucket, recursive=True)
     fs.invalidate_cache()
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (query strings and credentials are ignored)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield folder, f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

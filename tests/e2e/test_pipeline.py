@@ -241,3 +241,43 @@ def test_gpu_actor_pool_runs_two_calls_at_once_and_keeps_every_row(ray_cluster, 
                 np.testing.assert_allclose(
                     got[C.EMBEDDING], want[C.EMBEDDING][0].as_py(), rtol=1e-4, atol=1e-4
                 )
+
+
+def test_credentials_in_uris_are_never_printed_or_stored(
+    tmp_path, capsys, ray_cluster, images_dir, resnet18_checkpoint, http_dir
+):
+    """A presigned checkpoint URL put its key id, signature and token into _report.json and
+    the summary; a user:password@ URL its password."""
+    import json
+    import shutil
+
+    from pipeline import cli
+
+    folder, host = http_dir
+    shutil.copy(resnet18_checkpoint, folder / "r18.pth")
+    secrets = ("AKIAEXAMPLE", "s1gnature", "t0ken", "hunter2")
+    presigned = (
+        f"http://{host}/r18.pth?X-Amz-Credential=AKIAEXAMPLE%2F20261127&X-Amz-Signature=s1gnature"
+        "&X-Amz-Security-Token=t0ken"
+    )
+    out = tmp_path / "out"
+    argv = ["run", "--input", f"{images_dir}/good", "--output", str(out), "--model", "resnet18",
+            "--weights", presigned, "--task", "features"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "r18.pth?<redacted>" in printed.err
+    stored = (out / "_report.json").read_text()
+    assert "r18.pth?<redacted>" in stored
+    footer = pq.read_schema(glob.glob(f"{out}/*.parquet")[0]).metadata
+    text = (
+        printed.out + printed.err + stored + json.dumps({k.decode(): v.decode() for k, v in footer.items()})
+    )
+    assert not [s for s in secrets if s in text]
+
+    missing = f"http://bob:hunter2@{host}/nothing.pth?X-Amz-Signature=s1gnature"
+    argv = ["run", "--input", f"{images_dir}/good", "--output", str(tmp_path / "o2"), "--model", "resnet18",
+            "--weights", missing]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"http://<redacted>@{host}/nothing.pth?<redacted>" in err
+    assert not [s for s in secrets if s in err]

@@ -242,3 +242,12 @@ def test_a_parquet_file_that_breaks_midway_keeps_its_rows_and_names_the_rest(tmp
         r[C.BYTES] is None and "unreadable Parquet row group 1 after row 50" in r[C.ERROR] for r in got[50:]
     )
     assert [r[C.ID] for r in got[50:]] == [f"a.parquet#{i}" for i in range(50, 100)]
+
+
+def test_a_presigned_input_url_is_read_but_its_query_never_stored(http_dir):
+    folder, host = http_dir
+    (folder / "cat.jpg").write_bytes(GOOD["good/cat.jpg"])
+    url = f"http://{host}/cat.jpg?X-Amz-Signature=s1gnature&X-Amz-Security-Token=t0ken"
+    [row] = rows(list_input(url, "images"))
+    assert row[C.BYTES] == GOOD["good/cat.jpg"] and row[C.ERROR] is None
+    assert row[C.SOURCE] == f"http://{host}/cat.jpg?<redacted>" and "s1gnature" not in row[C.ID]
