@@ -9,6 +9,7 @@ from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.models import MODELS
 from pipeline.predict import DECODERS, PRECISIONS
 from pipeline.sources import FORMATS
+from pipeline.storage import canonical_uri, overlap
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ class SourceConfig:
 
     def __post_init__(self):
         _require(bool(self.input), "--input is required")
+        object.__setattr__(self, "input", canonical_uri(self.input))
         _choice("format", self.format, FORMATS)
         _require(self.max_pixels > 0, f"--max-pixels must be positive, got {self.max_pixels}")
 
@@ -94,6 +96,7 @@ class SinkConfig:
 
     def __post_init__(self):
         _require(bool(self.output), "--output is required")
+        object.__setattr__(self, "output", canonical_uri(self.output))
         _require(self.rows_per_file >= 1, f"--rows-per-file must be at least 1, got {self.rows_per_file}")
 
 
@@ -104,6 +107,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     storage_options: dict = field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        # Both are canonical (SourceConfig, SinkConfig): "out/", "./out" and a symlink to it agree.
+        how = overlap(self.source.input, self.sink.output)
+        _require(how is None, f"--output {self.sink.output} {how}; choose a folder apart from it")
 
 
 def parse_actors(text: str) -> tuple[int, int]:

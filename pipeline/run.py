@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +25,7 @@ from pipeline import models, sinks, sources
 from pipeline.config import ConfigError, RunConfig
 from pipeline.decode import Preprocess, decode_batch
 from pipeline.predict import Predictor, PredictorSpec, cpu_threads, pick_device, resolve_precision
+from pipeline.storage import redact
 
 
 @dataclass
@@ -99,7 +101,6 @@ def prepare(config: RunConfig, listing: sources.Listing | None = None, check_out
     """
     so = config.storage_options
     listing = listing or sources.list_input(config.source.input, config.source.format, so)
-    _check_output_shape(config)
     m = config.model
     weights = models.resolve(m.name, m.weights, m.labels, m.resize_size, m.crop_size, so)
     precision = resolve_precision(m.precision, _device(config))
@@ -108,27 +109,48 @@ def prepare(config: RunConfig, listing: sources.Listing | None = None, check_out
     return Plan(config, listing, weights, precision)
 
 
-def _check_output_shape(config: RunConfig) -> None:
-    out = config.sink.output.rstrip("/")
-    if out == config.source.input.rstrip("/"):
-        raise ConfigError(f"--output {config.sink.output} is the input; choose another folder")
-
-
 def _device(config: RunConfig) -> object:
     return pick_device("cuda" if config.compute.num_gpus_per_actor > 0 else "cpu")
 
 
 def init_ray() -> bool:
-    """Joins ``RAY_ADDRESS`` when set, otherwise starts a local Ray. True if this call started it."""
+    """Joins ``RAY_ADDRESS`` when set, and says which cluster; otherwise starts a Ray of its
+    own. Never a cluster found on the machine: a plain ``ray.init()`` joins whatever
+    ``ray start`` left there (or waits on its address if it died), and a relative output
+    then lands in that cluster's working folder. True if this call started Ray."""
     import ray
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        res = ray.cluster_resources()
+        print(
+            redact(
+                f"joined the Ray cluster at {address} (RAY_ADDRESS): {len(nodes)} nodes, "
+                f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+            ),
+            file=sys.stderr,
+        )
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+def _check_shared_output(config: RunConfig) -> None:
+    """A local output on a cluster of several nodes is written by each node to its own disk."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in config.sink.output:
+        print(
+            f"warning: --output {config.sink.output} is a local path and the cluster has {len(nodes)} "
+            "nodes: it must be storage that every node shares (NFS, a mounted bucket), or use an "
+            "object-store URI",
+            file=sys.stderr,
+        )
 
 
 def _check_reservations(config: RunConfig) -> None:
@@ -262,11 +284,25 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
+class RunError(RuntimeError):
+    """The run finished but its output is not what it read: nothing may say it succeeded."""
+
+
+def check_rows(read: int, found: int, where: str) -> None:
+    """Refuses a run whose rows in ``where`` are not the rows it read, one per input image."""
+    if found != read:
+        raise RunError(
+            f"{read} rows were read and written, but {found} are in {where}; "
+            "a local --output must be storage that the driver and every node share"
+        )
+
+
 @dataclass(frozen=True)
 class Execution:
     staged: list[str]  # the staged file paths
     seconds: float
     stages: dict[str, float]
+    rows: int  # rows written, one per input image
 
 
 def execute(plan: Plan, staging: str) -> Execution:
@@ -275,13 +311,15 @@ def execute(plan: Plan, staging: str) -> Execution:
     started_here = init_ray()
     try:
         _check_reservations(config)
+        _check_shared_output(config)
         t0 = time.perf_counter()
         ds = build(plan)
         staged = sinks.write_staged(
             ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options
         )
         seconds = time.perf_counter() - t0
-        return Execution(staged, seconds, stage_times(ds.stats()))
+        check_rows(staged.rows, staged.visible_rows, f"the staged files that the driver sees under {staging}")
+        return Execution(staged.files, seconds, stage_times(ds.stats()), staged.rows)
     finally:
         if started_here:
             import ray
@@ -298,6 +336,7 @@ def run(config: RunConfig, plan: Plan | None = None) -> Summary:
     ex = execute(plan, staging)
     sinks.commit(staging, sink.output, sink.overwrite, so)
     written = sinks.read_back(sink.output, so)
+    check_rows(ex.rows, written.rows, sink.output)
     summary = Summary(
         input_files=len(plan.listing.files),
         skipped_files=plan.listing.skipped,

@@ -9,6 +9,7 @@ file appears whole or not at all, and a failed run leaves nothing a reader would
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 from dataclasses import dataclass
@@ -102,24 +103,52 @@ def staging_dir(uri: str, run_id: str) -> str:
     return f"{uri.rstrip('/')}/{STAGING_PREFIX}{run_id}"
 
 
-def write_staged(ds, staging: str, schema: pa.Schema, rows_per_file: int, storage_options=None) -> list[str]:
+@dataclass(frozen=True)
+class Staged:
+    files: list[str]  # the staged file paths (without protocol) that the driver sees
+    rows: int  # the rows Ray Data wrote, as its write tasks counted them
+    visible_rows: int  # the rows in ``files``, from their footers
+
+
+def write_staged(ds, staging: str, schema: pa.Schema, rows_per_file: int, storage_options=None) -> Staged:
     """Runs the dataset into Parquet under ``staging`` (a path readers skip).
 
-    Returns:
-        The staged file paths (without protocol).
+    What Ray wrote and what the driver sees are counted separately: they differ when the
+    workers wrote somewhere the driver does not look (a local path on another node).
     """
-    ds.write_parquet(
+    import uuid
+
+    sink = _counting_parquet_datasink()(
         staging,
         filesystem=_arrow_fs(staging, storage_options),
-        schema=schema,
-        compression=COMPRESSION,
+        arrow_parquet_args={"schema": schema, "compression": COMPRESSION},
         min_rows_per_file=rows_per_file,
         max_rows_per_file=rows_per_file,
         filename_provider=_filename_provider(),
+        dataset_uuid=uuid.uuid4().hex,
     )
+    ds.write_datasink(sink)
     fs, path = url_to_fs(staging, storage_options)
     fs.invalidate_cache()
-    return sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.exists(path) else []
+    arrow_fs = _arrow_fs(staging, storage_options)
+    visible = sum(pq.read_metadata(f, filesystem=arrow_fs).num_rows for f in files)
+    return Staged(files, sink.rows, visible)
+
+
+@functools.cache
+def _counting_parquet_datasink():
+    """Ray Data's Parquet datasink, keeping the row count of its write result on the driver."""
+    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+
+    class CountingParquetDatasink(ParquetDatasink):
+        rows = 0
+
+        def on_write_complete(self, write_result):
+            super().on_write_complete(write_result)
+            self.rows = write_result.num_rows
+
+    return CountingParquetDatasink
 
 
 def commit(staging: str, uri: str, replace: bool = False, storage_options: dict | None = None) -> list[str]:

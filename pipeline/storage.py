@@ -98,3 +98,54 @@ def redact_all(value):
     if isinstance(value, (list, tuple)):
         return type(value)(redact_all(v) for v in value)
     return value
+
+
+def canonical_uri(uri: str) -> str:
+    """``uri`` in one absolute spelling, settled on the driver before anything else.
+
+    Local paths (and ``file://`` URIs) become real absolute paths: relative to the driver's
+    folder, with symbolic links, ``.`` and ``..`` resolved. Object-store URIs keep their
+    scheme and bucket, with ``.``, ``..`` and repeated slashes removed from the key.
+    Patterns keep their wildcard parts; only the part of the path that exists is resolved.
+    """
+    if not uri:
+        return uri
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" not in uri:
+        trailing = "/" if uri.endswith("/") and len(uri) > 1 else ""
+        return os.path.realpath(os.path.expanduser(uri)) + trailing
+    scheme, rest = uri.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    parts: list[str] = []
+    for part in key.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    trailing = "/" if key.endswith("/") and parts else ""
+    return f"{scheme.lower()}://{bucket}" + ("/" + "/".join(parts) if parts else "") + trailing
+
+
+def pattern_base(uri: str) -> str:
+    """The folder or file a (possibly wildcard or brace) input names: the path up to the
+    last "/" before its first wildcard, or the whole path when it has none."""
+    magic = [i for i in (uri.find(c) for c in "*?[{") if i >= 0]
+    if not magic or os.path.exists(uri):
+        return uri.rstrip("/")
+    return uri[: min(magic)].rsplit("/", 1)[0]
+
+
+def overlap(input_uri: str, output_uri: str) -> str | None:
+    """How ``output_uri`` overlaps the input (canonical URIs), or None: equal, inside it,
+    or containing it. Writing there could overwrite, delete or re-read the input."""
+    src = pattern_base(input_uri).rstrip("/")
+    out = output_uri.rstrip("/")
+    if out == src:
+        return "is the input"
+    if out.startswith(src + "/"):
+        return f"is inside the input {src}"
+    if src.startswith(out + "/"):
+        return f"contains the input {src}"
+    return None

@@ -179,7 +179,8 @@ def test_resnet50_features_are_2048_and_overwrite_replaces(tmp_path, ray_cluster
 def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, images_dir, resnet18_checkpoint):
     """jobs/extract_features.py as a separate driver, joining the running cluster."""
     out = str(tmp_path / "out")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": address}
     proc = subprocess.run(
         [
             sys.executable,
@@ -187,7 +188,7 @@ def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, imag
             "--input",
             f"{images_dir}/bad",
             "--output",
-            out,
+            "out",  # relative to the driver's folder, wherever the workers run
             "--model",
             "resnet18",
             "--weights",
@@ -200,6 +201,7 @@ def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, imag
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"joined the Ray cluster at {address} (RAY_ADDRESS): 1 nodes, 2 CPUs, 0 GPUs" in proc.stderr
     assert f"rows      {len(BROKEN)} (0 ok, {len(BROKEN)} error)" in proc.stdout
     table, _ = read_output(out)
     assert table.schema.equals(C.output_schema("features", 512), check_metadata=False)
@@ -281,3 +283,31 @@ def test_credentials_in_uris_are_never_printed_or_stored(
     err = capsys.readouterr().err
     assert f"http://<redacted>@{host}/nothing.pth?<redacted>" in err
     assert not [s for s in secrets if s in err]
+
+
+def test_without_ray_address_a_run_never_joins_or_waits_on_a_cluster_left_on_the_machine(
+    tmp_path, images_dir, resnet18_checkpoint
+):
+    """A plain ray.init() joins the cluster whose address `ray start` left in Ray's temp
+    folder, and waits on it when that head is dead. Here the address is a dead one."""
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live here
+    try:
+        os.makedirs(os.path.join(ray_tmp, "ray"))
+        with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:9\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = ray_tmp
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "--input", f"{images_dir}/bad", "--output", "out",
+             "--model", "resnet18", "--weights", resnet18_checkpoint, "--task", "features"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "joined the Ray cluster" not in proc.stderr and "127.0.0.1:9" not in proc.stderr
+    table, _ = read_output(str(tmp_path / "out"))
+    assert table.num_rows == len(BROKEN)

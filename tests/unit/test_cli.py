@@ -160,3 +160,43 @@ def test_config_file_takes_yaml_dates_and_numbers_where_flags_do(tmp_path):
     args = parse(["nightly", "--config", str(path), "--input", "x", "--output", "y"])
     assert args.date == "2026-11-27" and args.max_error_fraction == 0 and args.actors == 2
     assert args.overwrite is False and cli.config_from_args(args).compute.actors == (2, 2)
+
+
+@pytest.mark.parametrize("command", ["run", "nightly"])
+@pytest.mark.parametrize(
+    "input_rel, output_rel, how",
+    [
+        ("data/in", "data", "contains the input"),  # --overwrite once deleted the input images
+        ("data", "data/out", "is inside the input"),
+        ("data", "data/.", "is the input"),
+        ("data/", "./data", "is the input"),
+        ("data", "link", "is the input"),  # a symlink to it
+        ("data/shard-{000..001}.tar", "data", "is the input"),
+        ("data/*.jpg", "data/sub/out", "is inside the input"),
+    ],
+)
+def test_output_overlapping_the_input_is_refused_however_it_is_spelled(
+    tmp_path, monkeypatch, capsys, command, input_rel, output_rel, how
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "in").mkdir(parents=True)
+    (tmp_path / "data" / "in" / "cat.jpg").write_bytes(b"an image")
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    argv = [command, "--input", input_rel, "--output", output_rel, "--overwrite"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --output /") and how in err and len(err.splitlines()) == 1
+    assert (tmp_path / "data" / "in" / "cat.jpg").read_bytes() == b"an image"
+
+
+def test_paths_are_canonical_and_absolute_before_anything_else(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    cfg = cli.config_from_args(parse(["run", "--input", "alias/./x/../imgs", "--output", "out/"]))
+    assert cfg.source.input == str(tmp_path / "real" / "imgs")
+    assert cfg.sink.output == str(tmp_path / "out") + "/"
+    cfg = cli.config_from_args(
+        parse(["run", "--input", "s3://b/a//b/./c/../in/", "--output", "s3://b/a/out"])
+    )
+    assert (cfg.source.input, cfg.sink.output) == ("s3://b/a/b/in/", "s3://b/a/out")
