@@ -85,6 +85,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="cpu: decode in CPU tasks | gpu: decode JPEGs in the model actor with nvJPEG (default: cpu)",
     )
     c.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        help="seconds without a batch read or predicted before the run fails instead of "
+        "waiting (a lost node, say) (default: 300)",
+    )
+    c.add_argument(
         "--threads-per-actor",
         type=int,
         help="torch threads on CPU (default: the node's cores / actors)",
@@ -113,6 +120,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="above this share of broken images: exit non-zero, no _SUCCESS (default: 0.01)",
     )
     parser.nightly_parser = nightly
+    rec = sub.add_parser(
+        "recover", help="finish or undo what a killed run left in an output (its next run does this too)"
+    )
+    rec.add_argument("output", help="the output folder URI")
+    rec.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
+    rec.add_argument("--s3-anonymous", action="store_true", help=argparse.SUPPRESS)
     sample = sub.add_parser("sample", help="write a sample image folder (for make local and tests)")
     sample.add_argument("output", help="folder to create")
     sample.add_argument("--count", type=int, default=64, help="images (default: 64), plus one broken file")
@@ -236,6 +249,7 @@ def config_from_args(args: argparse.Namespace):
             threads_per_actor=args.threads_per_actor,
             compile=args.compile,
             decode=args.decode,
+            stall_timeout=args.stall_timeout,
         ),
     )
 
@@ -344,4 +358,24 @@ def main(argv: Sequence[str] | None = None, defaults: dict | None = None) -> int
         return 0
     if args.command == "nightly":
         return nightly_command(args)
+    if args.command == "recover":
+        return recover_command(args)
     return run_command(args)
+
+
+def recover_command(args: argparse.Namespace) -> int:
+    """Takes the output's lease, finishes a journaled commit, drops stale staging."""
+    from pipeline import commit
+    from pipeline.run import new_run_id
+    from pipeline.storage import canonical_uri
+
+    def go() -> int:
+        root = commit.Root(
+            canonical_uri(args.output), storage_options(args.s3_endpoint_url, args.s3_anonymous)
+        )
+        with commit.Lease(root, f"recover-{new_run_id()}"):
+            finished = commit.recover(root)
+        print(redact(f"{root.uri}: finished {finished} interrupted commit(s); no staging left"))
+        return 0
+
+    return guarded(go)

@@ -71,6 +71,7 @@ class ComputeConfig:
     threads_per_actor: int | None = None
     compile: bool = False
     decode: str = "cpu"  # "gpu": JPEGs are decoded in the model actor, on its device
+    stall_timeout: float = 300.0  # seconds without a batch read or predicted: the run fails
 
     def __post_init__(self):
         _choice("decode", self.decode, DECODERS)
@@ -82,6 +83,7 @@ class ComputeConfig:
             f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}",
         )
         _require(self.cpus_per_actor >= 0, f"--cpus-per-actor must be >= 0, got {self.cpus_per_actor}")
+        _require(self.stall_timeout > 0, f"--stall-timeout must be positive, got {self.stall_timeout}")
         _require(
             self.threads_per_actor is None or self.threads_per_actor >= 1,
             f"--threads-per-actor must be at least 1, got {self.threads_per_actor}",

@@ -145,10 +145,12 @@ def cpu_threads() -> int:
 class Predictor:
     """Holds one ResNet; turns decoded uint8 batches into output-contract rows."""
 
-    def __init__(self, spec: PredictorSpec, *, model_mode: str | None = None):
-        """``model_mode`` (one of ``MODEL_MODES``, for bf16/fp16) is there to compare them
-        (bench/gpu.py); the actors take ``default_model_mode``."""
+    def __init__(self, spec: PredictorSpec, *, progress=None, model_mode: str | None = None):
+        """``progress``: the run's progress counter (``run.start_progress``), told of every
+        batch. ``model_mode`` (one of ``MODEL_MODES``, for bf16/fp16) is there to compare
+        them (bench/gpu.py); the actors take ``default_model_mode``."""
         self.spec = spec
+        self.progress = progress
         self.device = pick_device(spec.device)
         self.precision = resolve_precision(spec.precision, self.device)
         if self.device.type == "cpu":
@@ -319,6 +321,8 @@ class Predictor:
             cols[C.EMBEDDING] = pa.FixedSizeListArray.from_arrays(
                 emb.reshape(-1), self.spec.embedding_dim, mask=missing
             )
+        if self.progress is not None:
+            self.progress.tick.remote(n)
         cols[C.MODEL] = pa.array([self.spec.model] * n, pa.string())
         cols[C.WEIGHTS] = pa.array([self.spec.weights_tag] * n, pa.string())
         return pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)

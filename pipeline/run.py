@@ -10,18 +10,21 @@ them on their device (``Predictor.inputs``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import posixpath
 import re
 import sys
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 
 from pipeline import columns as C
-from pipeline import models, sinks, sources
+from pipeline import commit, models, sinks, sources
 from pipeline.config import ConfigError, RunConfig
 from pipeline.decode import Preprocess, decode_batch
 from pipeline.predict import Predictor, PredictorSpec, cpu_threads, pick_device, resolve_precision
@@ -209,16 +212,49 @@ def decode_cpus(cpus_per_actor: float) -> float:
     return 0.25 if cpus_per_actor == 0.5 else 0.5
 
 
-def _read(batch, *, image_column: str, id_column: str, storage_options: dict):
+def _read(batch, *, image_column: str, id_column: str, storage_options: dict, progress=None):
     for fmt, root, uris, size in zip(
         batch["format"], batch["root"], batch["uris"], batch["size"], strict=True
     ):
         shard = sources.Shard(str(fmt), str(root), tuple(str(u) for u in uris), int(size))
-        yield from sources.read_shard(shard, image_column, id_column, storage_options)
+        for table in sources.read_shard(shard, image_column, id_column, storage_options):
+            if progress is not None:
+                progress.tick.remote(table.num_rows)
+            yield table
 
 
-def build(plan: Plan):
-    """The lazy dataset: shards → rows → decoded uint8 → predictions (nothing runs yet)."""
+@functools.cache
+def _progress_counter():
+    """A Ray actor that the stages tell of every batch they finish: the watchdog's signal."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Progress:
+        def __init__(self):
+            self.count = 0
+
+        def tick(self, n: int) -> None:
+            self.count += n
+
+        def value(self) -> int:
+            return self.count
+
+    return Progress
+
+
+def start_progress():
+    """The run's progress counter, on the driver's node (it lives as long as the driver)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return _progress_counter().options(scheduling_strategy=here).remote()
+
+
+def build(plan: Plan, progress=None):
+    """The lazy dataset: shards → rows → decoded uint8 → predictions (nothing runs yet).
+
+    ``progress``: a ``start_progress`` counter the read tasks and the model actors tick."""
     import ray
 
     cfg = plan.config
@@ -235,6 +271,7 @@ def build(plan: Plan):
             "image_column": cfg.source.image_column,
             "id_column": cfg.source.id_column,
             "storage_options": cfg.storage_options,
+            "progress": progress,
         },
     )
     c = cfg.compute
@@ -251,7 +288,7 @@ def build(plan: Plan):
     spec = predictor_spec(plan, ray.put(plan.weights.state_dict))
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"spec": spec},
+        fn_constructor_kwargs={"spec": spec, "progress": progress},
         compute=actor_pool(c),
         batch_size=c.batch_size,
         batch_format="numpy",
@@ -313,9 +350,14 @@ def execute(plan: Plan, staging: str) -> Execution:
         _check_reservations(config)
         _check_shared_output(config)
         t0 = time.perf_counter()
-        ds = build(plan)
-        staged = sinks.write_staged(
-            ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options
+        progress = start_progress()
+        ds = build(plan, progress)
+        staged = _watched(
+            lambda: sinks.write_staged(
+                ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options
+            ),
+            progress,
+            config.compute.stall_timeout,
         )
         seconds = time.perf_counter() - t0
         check_rows(staged.rows, staged.visible_rows, f"the staged files that the driver sees under {staging}")
@@ -327,35 +369,93 @@ def execute(plan: Plan, staging: str) -> Execution:
             ray.shutdown()
 
 
+def _watched(work, progress, stall_timeout: float):
+    """Runs ``work`` (the Ray Data execution) in a thread and returns its result, unless no
+    batch is read or predicted for ``stall_timeout`` seconds: then the run fails with one
+    line saying what it waited for, instead of hanging (a lost node whose re-created
+    actors hold every CPU left would otherwise wait forever)."""
+    import ray
+
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = work()
+        except BaseException as e:  # handed to the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-data-execution", daemon=True)
+    thread.start()
+    nodes_at_start = len([n for n in ray.nodes() if n.get("Alive")])
+    last, changed = -1, time.monotonic()
+    while thread.is_alive():
+        thread.join(timeout=min(5.0, stall_timeout / 4))
+        try:
+            count = ray.get(progress.value.remote(), timeout=10)
+        except Exception:
+            count = last
+        if count != last:
+            last, changed = count, time.monotonic()
+        elif thread.is_alive() and time.monotonic() - changed > stall_timeout:
+            nodes = len([n for n in ray.nodes() if n.get("Alive")])
+            free, total = ray.available_resources(), ray.cluster_resources()
+            message = (
+                f"no progress for {stall_timeout:g} s (--stall-timeout) after {max(last, 0)} rows "
+                f"read or predicted: waiting for Ray to schedule the rest, with {nodes} of "
+                f"{nodes_at_start} nodes alive and {free.get('CPU', 0):g} of {total.get('CPU', 0):g} "
+                "CPUs free; nothing was committed"
+            )
+            # Stop the execution: disconnect from Ray, so that its thread ends (quietly, and
+            # without Ray's auto-init starting another Ray) before the process does.
+            os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+            ray.shutdown()
+            thread.join(timeout=60)
+            raise RunError(message)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def run(config: RunConfig, plan: Plan | None = None) -> Summary:
-    """Runs the whole job, commits it, reads back what it committed, and writes the run report."""
+    """Runs the whole job under the output's lease, commits it (``pipeline.commit``), reads
+    back what it committed, and writes the run report."""
     plan = plan or prepare(config)
     run_id = new_run_id()
     so, sink = config.storage_options, config.sink
-    staging = sinks.staging_dir(sink.output, run_id)
-    ex = execute(plan, staging)
-    sinks.commit(staging, sink.output, sink.overwrite, so)
-    written = sinks.read_back(sink.output, so)
-    check_rows(ex.rows, written.rows, sink.output)
-    summary = Summary(
-        input_files=len(plan.listing.files),
-        skipped_files=plan.listing.skipped,
-        rows=written.rows,
-        ok=written.ok,
-        errors=written.errors,
-        seconds=ex.seconds,
-        output=sink.output,
-        files=written.files,
-        weights=f"{plan.weights.tag} ({plan.weights.pretrained_source})",
-        run_id=run_id,
-        stages=ex.stages,
-    )
-    report = {
-        **summary.as_dict(),
-        "input": config.source.input,
-        "format": plan.listing.format,
-        "model": plan.weights.model,
-        "task": config.model.task,
-        "precision": plan.precision,
-    }
-    return replace(summary, report=sinks.write_report(sink.output, report, so))
+    root = commit.Root(sink.output, so)
+    with commit.Lease(root, run_id) as lease:
+        if commit.recover(root):
+            print("recovered the interrupted commit of an earlier run", file=sys.stderr)
+        sinks.check_output(sink.output, sink.overwrite, so)  # again, now that no one else writes
+        ex = execute(plan, sinks.staging_dir(sink.output, run_id))
+        lease.check()
+        old = [n for n in root.listing() if not commit.is_commit_file(n)] if sink.overwrite else []
+        moves = [(root.rel(p), posixpath.basename(p)) for p in ex.staged]
+        commit.commit(root, commit.Journal(run_id, deletes=old, moves=moves))
+        written = sinks.read_back(sink.output, so)
+        check_rows(ex.rows, written.rows, sink.output)
+        summary = Summary(
+            input_files=len(plan.listing.files),
+            skipped_files=plan.listing.skipped,
+            rows=written.rows,
+            ok=written.ok,
+            errors=written.errors,
+            seconds=ex.seconds,
+            output=sink.output,
+            files=written.files,
+            weights=f"{plan.weights.tag} ({plan.weights.pretrained_source})",
+            run_id=run_id,
+            stages=ex.stages,
+            report=f"{sink.output.rstrip('/')}/{sinks.REPORT_NAME}",
+        )
+        report = {
+            **summary.as_dict(),
+            "input": config.source.input,
+            "format": plan.listing.format,
+            "model": plan.weights.model,
+            "task": config.model.task,
+            "precision": plan.precision,
+        }
+        root.write_json(sinks.REPORT_NAME, sinks.report_json(report))
+    return summary

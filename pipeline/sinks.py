@@ -1,14 +1,11 @@
 """Stage 5: Parquet out: the explicit schema, provenance metadata, file naming, the output check.
 
-Writes are staged, then committed. Ray writes every file under ``<output>/_staging-<run>/``
-(a path Parquet readers skip); only when the whole dataset is written are the files moved
-to ``<output>/``: a rename on local disks, a server-side copy on object stores, so each
-file appears whole or not at all, and a failed run leaves nothing a reader would pick up.
+Ray writes every file under ``<output>/_staging-<run>/`` (a path Parquet readers skip);
+``pipeline.commit`` then moves them into place under the output's lease and journal.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import platform
@@ -30,14 +27,13 @@ class OutputError(ValueError):
     """The output location is not usable (exists and is not empty, not writable)."""
 
 
-STAGING_PREFIX = "_staging-"
 REPORT_NAME = "_report.json"
 
 
 def check_output(uri: str, overwrite: bool, storage_options: dict | None = None) -> None:
     """Refuses an output that holds data unless ``overwrite``. Changes nothing.
 
-    Leftovers of failed runs (``_staging-*``) do not count as data.
+    Leftovers of failed runs (``_staging-*``) and the commit's own files do not count as data.
 
     Raises:
         OutputError: the output holds data files and ``overwrite`` is false, or is a file,
@@ -100,7 +96,9 @@ def _filename_provider():
 
 
 def staging_dir(uri: str, run_id: str) -> str:
-    return f"{uri.rstrip('/')}/{STAGING_PREFIX}{run_id}"
+    from pipeline.commit import staging_rel
+
+    return f"{uri.rstrip('/')}/{staging_rel(run_id)}"
 
 
 @dataclass(frozen=True)
@@ -151,34 +149,9 @@ def _counting_parquet_datasink():
     return CountingParquetDatasink
 
 
-def commit(staging: str, uri: str, replace: bool = False, storage_options: dict | None = None) -> list[str]:
-    """Moves every finished file from ``staging`` into ``uri``, then removes ``staging``."""
-    fs, staged = url_to_fs(staging, storage_options)
-    _, final = url_to_fs(uri, storage_options)
-    fs.invalidate_cache()
-    if replace:
-        for old in fs.ls(final, detail=False):
-            if old.rstrip("/") != staged.rstrip("/"):
-                fs.rm(old, recursive=True)
-    done = []
-    for src in sorted(p for p in fs.find(staged) if p.endswith(".parquet")):
-        dst = f"{final.rstrip('/')}/{src[len(staged) :].lstrip('/')}"
-        fs.mv(src, dst)  # a rename locally; copy-then-delete (server side) on object stores
-        done.append(fs.unstrip_protocol(dst))
-    # On object stores the "folder" vanished with its last object.
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(staged, recursive=True)
-    return done
-
-
-def write_report(uri: str, report: dict, storage_options: dict | None = None) -> str:
-    """Writes the run report as JSON beside the data, under a name Parquet readers skip."""
-    from pipeline.storage import open_file
-
-    path = f"{uri.rstrip('/')}/{REPORT_NAME}"
-    with open_file(path, "w", storage_options) as f:
-        json.dump(redact_all(report), f, indent=2, sort_keys=True)
-    return path
+def report_json(report: dict) -> dict:
+    """The run report as written beside the data (``REPORT_NAME``): credentials removed."""
+    return json.loads(json.dumps(redact_all(report), sort_keys=True))
 
 
 def _arrow_fs(uri: str, storage_options: dict | None):

@@ -159,3 +159,31 @@ def test_transient_faults_are_retried_and_every_row_lands_once(
     ids = table[C.ID].to_pylist()
     assert sorted(ids) == sorted(ALL) and len(set(ids)) == len(ids)
     assert table[C.STATUS].to_pylist().count("error") == len(BROKEN)
+
+
+def test_the_output_lease_on_s3_is_a_conditional_put(s3):
+    """Create-exclusive with If-None-Match: *, take-over and release with If-Match, on
+    moto's S3 server: two runs never hold one output root."""
+    import json
+    import time
+
+    from pipeline.commit import LOCK, Lease, LeaseHeld, Root
+
+    s3.mkdir("out")
+    root = Root("s3://out/features", {"s3": {"endpoint_url": s3.endpoint_url}})
+    assert root.s3
+    with Lease(root, "run-a") as a:
+        assert json.loads(root.read_bytes(LOCK))["run_id"] == "run-a"
+        with pytest.raises(LeaseHeld, match="is in use by run run-a"):
+            Lease(Root("s3://out/features"), "run-b").acquire()
+        a.check()
+    assert not root.exists(LOCK)
+
+    stale = {"run_id": "dead", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600,
+             "expires_after_s": 120, "started": "x"}  # fmt: skip
+    root.fs.pipe_file(root.abs(LOCK), json.dumps(stale).encode())
+    with Lease(root, "run-c") as c:
+        assert json.loads(root.read_bytes(LOCK))["run_id"] == "run-c"
+        assert not c._swap(json.dumps(stale).encode(), b"{}")  # a compare-and-swap on old bytes fails
+        assert c._swap(c._mine, c._mine)  # and on the current bytes succeeds
+    assert not root.exists(LOCK)

@@ -1,0 +1,395 @@
+"""The sink's commit protocol, one for ``run`` and ``nightly``: a lease, a journal, recovery.
+
+Under an output root (Parquet readers skip every name starting with ``_`` or ``.``):
+
+    _lock.json                  the lease: which run holds the root, where, its heartbeat
+    _staging-<run>/             files Ray is writing (or wrote)
+    _state/commit-<run>.json    the journal of a commit in progress
+
+A run (1) takes the lease, or refuses with one line naming its holder; (2) recovers what
+an earlier run left; (3) has Ray write everything under ``_staging-<run>/``; (4) writes the
+journal in one atomic write, which is the commit point: every file it deletes, every
+staged file it moves and where, every small file (ledger, manifests, report) and marker
+it writes; (5) applies the journal; (6) drops the journal and the staging; (7) lets the
+lease go. Each step of (5) is idempotent: deleting what is gone, moving what has arrived
+and writing the same bytes again change nothing. So a run killed anywhere is repaired by
+the next one, or by ``python -m pipeline recover OUTPUT``: before the journal exists its
+staging is dropped and readers keep the old files; once it exists the journal is applied
+again and readers get the new ones. Never neither, never both, once repaired.
+
+While (5) runs, a reader listing the root at that very moment can see part of the change
+(old files deleted before the new ones arrive, so never an image twice): plain files on
+a file system or a bucket have no atomic multi-file switch.
+
+The lease is created exclusively (``O_EXCL`` on disks; a conditional PUT with
+``If-None-Match: *`` on S3) and renewed by a heartbeat. A lease whose heartbeat is older
+than ``LEASE_EXPIRY_S`` belongs to a dead run and is taken over by compare-and-swap
+(``flock`` on disks, ``If-Match`` on S3), so two runs never hold it at once, and recovery,
+which runs only under the lease, never touches the staging of a live run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.config import ConfigError
+from pipeline.storage import is_hidden, redact, url_to_fs
+
+LOCK = "_lock.json"
+STATE = "_state"
+JOURNAL_PREFIX = f"{STATE}/commit-"
+STAGING_PREFIX = "_staging-"
+LEASE_EXPIRY_S = float(os.environ.get("PIPELINE_LEASE_EXPIRY_S", 120))
+HEARTBEAT_S = LEASE_EXPIRY_S / 8
+
+
+class LeaseHeld(ConfigError):
+    """Another live run holds the output root: one line, exit 2."""
+
+
+class CommitError(RuntimeError):
+    """A journal cannot be applied: a file it moves is neither staged nor in place."""
+
+
+_TMP = re.compile(r"\.tmp-[0-9a-f]{8}$")  # write_json's temporary files
+
+
+def staging_rel(run_id: str) -> str:
+    return f"{STAGING_PREFIX}{run_id}"
+
+
+def is_commit_file(rel: str) -> bool:
+    """The lease, the commit's state and staging: never data, never replaced by a run."""
+    return rel.startswith((LOCK, f"{STATE}/", STAGING_PREFIX))
+
+
+class Root:
+    """An output root on its file system; every path given to it is relative to it."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None, fs=None):
+        self.uri = uri.rstrip("/")
+        fs_found, path = url_to_fs(self.uri, storage_options)
+        self.fs = fs if fs is not None else fs_found
+        self.path = path.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.s3 = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def abs(self, rel: str) -> str:
+        return f"{self.path}/{rel}"
+
+    def rel(self, path: str) -> str:
+        return path[len(self.path) :].lstrip("/")
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.abs(rel))
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.abs(rel))
+        except FileNotFoundError:
+            return None
+
+    def read_json(self, rel: str, default):
+        data = self.read_bytes(rel)
+        return default if data is None else json.loads(data)
+
+    def write_json(self, rel: str, value) -> None:
+        """Atomic: a whole-object PUT on object stores, write-then-rename on disks."""
+        data = json.dumps(value, indent=1, sort_keys=True).encode()
+        if self.local:
+            tmp = self.abs(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
+            self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, self.abs(rel))
+        else:
+            self.fs.pipe_file(self.abs(rel), data)
+
+    def move_in(self, src: str, dst: str) -> None:
+        """A rename on disks, a whole-object copy then delete on object stores."""
+        self.fs.makedirs(posixpath.dirname(self.abs(dst)), exist_ok=True)
+        self.fs.mv(self.abs(src), self.abs(dst))
+
+    def touch(self, rel: str) -> None:
+        self.fs.makedirs(posixpath.dirname(self.abs(rel)), exist_ok=True)
+        self.fs.pipe_file(self.abs(rel), b"")
+
+    def remove(self, rel: str) -> None:
+        """Removes a file or a folder; nothing if it is gone."""
+        path = self.abs(rel)
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.isdir(path):
+                self.fs.rm(path, recursive=True)
+            elif self.fs.exists(path):
+                self.fs.rm_file(path)
+
+    def listing(self) -> list[str]:
+        """Every file under the root, relative."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.path):
+            return []
+        return [self.rel(p) for p in self.fs.find(self.path)]
+
+    def data_files(self) -> list[str]:
+        """What a Parquet reader of the root would read (relative paths)."""
+        return sorted(n for n in self.listing() if n.endswith(".parquet") and not is_hidden(n))
+
+
+# ----------------------------------------------------------------------------- the journal
+
+
+@dataclass
+class Journal:
+    """What one commit changes; applying it twice changes nothing more."""
+
+    run_id: str
+    deletes: list[str] = field(default_factory=list)  # files the commit replaces
+    moves: list[tuple[str, str]] = field(default_factory=list)  # (staged, final)
+    writes: dict[str, object] = field(default_factory=dict)  # small JSON files, written whole
+    markers: dict[str, bool] = field(default_factory=dict)  # empty marker files: present or not
+
+    @property
+    def rel(self) -> str:
+        return f"{JOURNAL_PREFIX}{self.run_id}.json"
+
+
+def commit(root: Root, journal: Journal) -> None:
+    """Writes the journal (the commit point), applies it, then drops it and the staging."""
+    root.write_json(journal.rel, asdict(journal))
+    _apply(root, journal)
+    root.remove(journal.rel)
+    root.remove(staging_rel(journal.run_id))
+
+
+def _apply(root: Root, j: Journal) -> None:
+    # Old files go before new ones arrive: a reader never sees an image twice.
+    for rel in j.deletes:
+        root.remove(rel)
+    for src, dst in j.moves:
+        if root.exists(src):
+            root.move_in(src, dst)
+        elif not root.exists(dst):
+            raise CommitError(f"{redact(root.abs(src))} is neither staged nor in place at {dst}")
+    for rel, value in j.writes.items():
+        root.write_json(rel, value)
+    for rel, present in j.markers.items():
+        if present:
+            root.touch(rel)
+        else:
+            root.remove(rel)
+
+
+def recover(root: Root) -> int:
+    """Finishes every journaled commit and drops every staging folder left without one.
+
+    Only under the lease: no live run is writing its staging. Returns the commits finished.
+    """
+    names = root.listing()
+    journals = sorted(n for n in names if n.startswith(JOURNAL_PREFIX) and n.endswith(".json"))
+    for rel in journals:
+        raw = root.read_json(rel, None)
+        if raw is None:
+            continue
+        j = Journal(
+            run_id=raw["run_id"],
+            deletes=list(raw["deletes"]),
+            moves=[tuple(m) for m in raw["moves"]],
+            writes=dict(raw["writes"]),
+            markers=dict(raw["markers"]),
+        )
+        _apply(root, j)
+        root.remove(rel)
+    for stale in sorted({n.split("/", 1)[0] for n in names if n.startswith(STAGING_PREFIX)}):
+        root.remove(stale)
+    for tmp in (n for n in names if _TMP.search(n)):
+        root.remove(tmp)  # a JSON write killed before its rename
+    return len(journals)
+
+
+# ----------------------------------------------------------------------------- the lease
+
+
+class Lease:
+    """The output root's lock, held for a run: ``with Lease(root, run_id): ...``."""
+
+    def __init__(self, root: Root, run_id: str, expiry_s: float = LEASE_EXPIRY_S):
+        self.root = root
+        self.run_id = run_id
+        self.expiry_s = expiry_s
+        self._mine: bytes | None = None  # the lease's bytes as we last wrote them
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def _record(self, started: str | None = None) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": started or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "heartbeat": now,
+                "expires_after_s": self.expiry_s,
+            },
+            sort_keys=True,
+        ).encode()
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.release()
+
+    def acquire(self) -> None:
+        for _ in range(5):
+            data = self._record()
+            if self._create(data):
+                self._mine = data
+                return
+            held = self.root.read_bytes(LOCK)
+            if held is None:
+                continue  # released meanwhile: try again
+            holder = _parse(held)
+            age = time.time() - float(holder.get("heartbeat", 0))
+            alive = age <= float(holder.get("expires_after_s", self.expiry_s))
+            if alive and holder.get("host") == socket.gethostname():
+                alive = _pid_alive(holder.get("pid"))  # a killed run on this host: no need to wait
+            if alive:
+                raise LeaseHeld(
+                    f"output {redact(self.root.uri)} is in use by run {holder.get('run_id')} on host "
+                    f"{holder.get('host')} (pid {holder.get('pid')}, since {holder.get('started')}, "
+                    f"last heartbeat {age:.0f} s ago); two jobs must not write one output. If that run "
+                    f"is dead, its lease expires {max(0.0, self.expiry_s - age):.0f} s from now"
+                )
+            # Its holder stopped heart-beating: take it over, unless someone else just did.
+            if self._swap(held, data):
+                self._mine = data
+                return
+        raise LeaseHeld(f"output {redact(self.root.uri)}: could not take its lease; another run is taking it")
+
+    def release(self) -> None:
+        if self._mine is not None and not self.lost:
+            self._swap(self._mine, None)
+        self._mine = None
+
+    def _beat(self) -> None:
+        started = _parse(self._mine or b"{}").get("started")
+        while not self._stop.wait(HEARTBEAT_S):
+            fresh = self._record(started)
+            if self._swap(self._mine, fresh):
+                self._mine = fresh
+            else:
+                self.lost = True  # taken over: this run must not commit
+                return
+
+    def check(self) -> None:
+        """Raises if the lease was lost (this run stalled past its expiry and was taken over)."""
+        if self.lost or self._mine is None:
+            raise CommitError(f"lost the lease on {redact(self.root.uri)} to another run; nothing committed")
+
+    # -- the two atomic operations, per file system
+
+    def _create(self, data: bytes) -> bool:
+        """Creates the lease file only if there is none."""
+        path = self.root.abs(LOCK)
+        self.root.fs.makedirs(self.root.path, exist_ok=True)
+        if self.root.local:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.root.s3:
+            try:
+                self.root.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        if self.root.exists(LOCK):  # other stores: best effort, not atomic
+            return False
+        self.root.fs.pipe_file(path, data)
+        return True
+
+    def _swap(self, expected: bytes, data: bytes | None) -> bool:
+        """Replaces the lease by ``data`` (None: removes it) only if it still holds ``expected``."""
+        path = self.root.abs(LOCK)
+        if self.root.local:
+            import fcntl
+
+            with open(f"{path}.guard", "a") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                try:
+                    with open(path, "rb") as f:
+                        if f.read() != expected:
+                            return False
+                except FileNotFoundError:
+                    return False
+                if data is None:
+                    os.remove(path)
+                else:
+                    tmp = f"{path}.{uuid.uuid4().hex[:8]}"
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                return True
+        if self.root.s3:
+            fs = self.root.fs
+            try:
+                etag = fs.info(path, refresh=True)["ETag"]
+                if fs.cat_file(path) != expected:
+                    return False
+                if data is None:
+                    bucket, key, _ = fs.split_path(path)
+                    fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+                else:
+                    fs.pipe_file(path, data, IfMatch=etag)
+            except (FileNotFoundError, OSError):  # 412: it changed since it was read
+                return False
+            finally:
+                fs.invalidate_cache(path)
+            return True
+        if self.root.read_bytes(LOCK) != expected:  # other stores: best effort
+            return False
+        if data is None:
+            self.root.remove(LOCK)
+        else:
+            self.root.fs.pipe_file(path, data)
+        return True
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True  # someone else's process, or no pid recorded: assume alive
+    return True
+
+
+def _parse(data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+        return value if isinstance(value, dict) else {}
+    except ValueError:
+        return {}

@@ -1,0 +1,143 @@
+"""Faults for real: two jobs on one output at once, and a Ray node lost mid-run.
+
+Each job is a real process with its own Ray (or the two-node cluster below); nothing is
+simulated but the timing."""
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import AWS_TEST_ENV
+from tests.e2e.test_cluster import free_port
+from tests.e2e.test_nightly import Output, job_env, make_shard, nightly_cmd
+
+pytestmark = pytest.mark.e2e
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_two_nightly_jobs_on_one_output_at_once(tmp_path):
+    """Both used to commit: every row twice (same inputs), or one job's ledger entries lost
+    (different inputs). Now one holds the output's lease and the other refuses in one line."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    expected = make_shard(a, "a", 6, 0) | make_shard(b, "b", 6, 50)
+    out = Output(str(tmp_path / "out"), None)
+    procs = [
+        subprocess.Popen(nightly_cmd(str(src), out, "2026-11-26"), env=job_env(), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for src in (a, b)
+    ]  # fmt: skip
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [(c, e[-1500:]) for c, _, e in results]
+    loser = next(i for i, (code, _, _) in enumerate(results) if code == 2)
+    err = results[loser][2].strip().splitlines()
+    assert err[-1].startswith(f"error: output {out.uri} is in use by run ") and "heartbeat" in err[-1]
+    ids = out.ids()
+    assert len(ids) == len(set(ids)) == 6
+
+    # The refused job, run again, adds its inputs; the ledger keeps both.
+    again = subprocess.run(nightly_cmd(str((a, b)[loser]), out, "2026-11-26"), env=job_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert len(out.read_json("_state/ledger.json")) == 2
+    assert not out.exists("_lock.json")
+
+
+def _processes_of(temp_dir: str) -> list[psutil.Process]:
+    """A Ray node's processes: those naming its temp dir, and every descendant of its raylet
+    (workers rename themselves "ray::..." and no longer show it)."""
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in arg for arg in p.info["cmdline"] or []):
+                found[p.pid] = p
+                for child in p.children(recursive=True):
+                    found[child.pid] = child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=15)
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A real two-node Ray cluster on this machine: `ray start --head` and `ray start
+    --address`, 2 CPUs each, each with its own temp dir; every process ended by id."""
+    home = tmp_path / "home"  # Ray 2.60 writes its auth token under ~/.ray
+    home.mkdir()
+    dirs = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rh", "rw")]  # short: unix sockets
+    env = {**os.environ, **AWS_TEST_ENV, "HOME": str(home), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    port = free_port()
+    common = ["--num-cpus", "2", "--disable-usage-stats"]
+    try:
+        head = ["--head", "--port", str(port), "--include-dashboard", "false"]
+        subprocess.run([*ray, "start", *head, "--temp-dir", dirs[0], *common],
+                       env=env, check=True, capture_output=True, timeout=180)  # fmt: skip
+        subprocess.run([*ray, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", dirs[1], *common],
+                       env=env, check=True, capture_output=True, timeout=180)  # fmt: skip
+        yield f"127.0.0.1:{port}", dirs[1], {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    finally:
+        for d in dirs:
+            _kill(_processes_of(d))
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_losing_a_node_mid_run_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_path, two_nodes):
+    """The worker node's every process is SIGKILLed while a model actor works there. The
+    re-created actor used to take the last CPUs of the head, and the run waited forever."""
+    address, worker_dir, env = two_nodes
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected = set()
+    for i, name in enumerate("abcd"):
+        expected |= make_shard(shards, name, 8, 30 * i)
+    out = Output(str(tmp_path / "out"), None)
+    slow = ["--model", "resnet50", "--batch-size", "2", "--threads-per-actor", "1", "--actors", "2"]
+    cmd = [*nightly_cmd(str(shards), out, "2026-11-26"), *slow, "--stall-timeout", "45"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Kill once a model actor has worked on the worker node for a few seconds.
+    deadline, killed = time.time() + 300, False
+    while proc.poll() is None and time.time() < deadline and not killed:
+        for p in _processes_of(worker_dir):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if "MapWorker" in " ".join(p.cmdline()) and time.time() - p.create_time() > 15:
+                    _kill(_processes_of(worker_dir))
+                    killed = True
+                    break
+        time.sleep(0.5)
+    assert killed, "no model actor ran on the worker node"
+    t_kill = time.time()
+    stdout, stderr = proc.communicate(timeout=300)  # ends: it never hangs
+    assert proc.returncode in (0, 1), stderr[-3000:]
+    if proc.returncode == 1:  # failed within its stall timeout, saying what it waited for
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: run failed: no progress for 45 s (--stall-timeout)"), last
+        assert "1 of 2 nodes alive" in last and "nothing was committed" in last
+        assert time.time() - t_kill < 45 + 120
+    assert len(out.ids()) == len(set(out.ids()))  # never a row twice, whatever happened
+
+    # The nightly job again, on what is left of the cluster: every input exactly once.
+    again = subprocess.run([*nightly_cmd(str(shards), out, "2026-11-26"), "--batch-size", "8"], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))

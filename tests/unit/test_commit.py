@@ -1,0 +1,184 @@
+"""The commit protocol on real files: a file system that fails at each step in turn, the
+journal's recovery, and the output lease (exclusive, refused with its holder's name,
+taken over once its holder is dead or silent)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.commit import LOCK, Journal, Lease, LeaseHeld, Root, commit, recover
+
+OLD = {"part-0-old.parquet": b"old0", "part-1-old.parquet": b"old1", "_report.json": b"{}"}
+NEW = {"part-0-new.parquet": b"new0", "part-1-new.parquet": b"new1", "part-2-new.parquet": b"new2"}
+
+
+class FailingFS(LocalFileSystem):
+    """A real local file system whose ``fail_at``-th changing call raises, as a crash would."""
+
+    CHANGING = ("mv", "rm", "rm_file", "pipe_file", "makedirs", "touch", "rename", "_rm", "mkdir")
+
+    def __init__(self, fail_at: int):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def __getattribute__(self, name):
+        attr = super().__getattribute__(name)
+        if name in FailingFS.CHANGING:
+
+            def changing(*args, **kwargs):
+                self.calls += 1
+                if self.calls == self.fail_at:
+                    raise OSError(f"injected failure at call {self.calls} ({name})")
+                return attr(*args, **kwargs)
+
+            return changing
+        return attr
+
+
+def layout(tmp_path):
+    """An output with the old files and a finished staging of the new ones; the journal."""
+    out = tmp_path / "out"
+    (out / "_staging-r2").mkdir(parents=True)
+    for name, data in OLD.items():
+        (out / name).write_bytes(data)
+    for name, data in NEW.items():
+        (out / "_staging-r2" / name).write_bytes(data)
+    journal = Journal(
+        "r2",
+        deletes=sorted(OLD),
+        moves=[(f"_staging-r2/{n}", n) for n in sorted(NEW)],
+        writes={"_report.json": {"rows": 3}, "_state/ledger.json": {"a": 1}},
+        markers={"_SUCCESS": True},
+    )
+    return out, journal
+
+
+def seen(out) -> dict[str, bytes]:
+    """What a Parquet reader reads: the visible data files and their bytes."""
+    return {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+
+
+def test_commit_on_a_healthy_file_system(tmp_path):
+    out, journal = layout(tmp_path)
+    commit(Root(str(out)), journal)
+    assert seen(out) == NEW
+    assert json.loads((out / "_report.json").read_text()) == {"rows": 3} and (out / "_SUCCESS").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([*NEW, "_report.json", "_SUCCESS", "_state"])
+    assert [p.name for p in (out / "_state").iterdir()] == ["ledger.json"]
+
+
+def count_calls(tmp_path) -> int:
+    out, journal = layout(tmp_path / "count")
+    fs = FailingFS(fail_at=0)
+    commit(Root(str(out), fs=fs), journal)
+    return fs.calls
+
+
+def test_a_failure_at_every_step_then_recovery_leaves_the_old_files_or_the_new(tmp_path):
+    steps = count_calls(tmp_path)
+    assert steps >= 10
+    for k in range(1, steps + 1):
+        out, journal = layout(tmp_path / f"k{k}")
+        with pytest.raises(OSError, match="injected failure"):
+            commit(Root(str(out), fs=FailingFS(fail_at=k)), journal)
+        # At the crash: every visible file is a whole old or new file, and no image twice
+        # (old files go before new ones arrive).
+        now = seen(out)
+        assert all(OLD.get(n) == d or NEW.get(n) == d for n, d in now.items()), (k, now)
+        assert not (set(now) & set(OLD) and set(now) & set(NEW)), (k, now)
+        journaled = (out / journal.rel).exists()
+        committed = journaled or now == NEW  # past the commit point: the journal was written
+        assert recover(Root(str(out))) == (1 if journaled else 0)
+        old = {n: d for n, d in OLD.items() if n.endswith(".parquet")}
+        assert seen(out) == (NEW if committed else old), k
+        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        assert not [n for n in left if n.startswith("_staging-") or "commit-" in n or ".tmp-" in n], (k, left)
+        if committed:
+            assert json.loads((out / "_state" / "ledger.json").read_text()) == {"a": 1}
+        assert recover(Root(str(out))) == 0  # repaired is repaired
+
+
+def test_recover_drops_a_staging_that_never_reached_its_journal(tmp_path):
+    out, _ = layout(tmp_path)
+    assert recover(Root(str(out))) == 0
+    assert seen(out) == {n: d for n, d in OLD.items() if n.endswith(".parquet")}
+    assert not (out / "_staging-r2").exists()
+
+
+def holder(root: Root) -> dict:
+    return json.loads(root.read_bytes(LOCK))
+
+
+def test_the_lease_is_exclusive_and_names_its_holder(tmp_path):
+    root = Root(str(tmp_path / "out"))
+    with Lease(root, "run-a"):
+        assert holder(root)["run_id"] == "run-a" and holder(root)["host"] == socket.gethostname()
+        with pytest.raises(LeaseHeld) as e:
+            Lease(Root(str(tmp_path / "out")), "run-b").acquire()
+        assert "is in use by run run-a on host" in str(e.value) and f"pid {os.getpid()}" in str(e.value)
+    assert not root.exists(LOCK)  # released
+    with Lease(root, "run-b"):
+        assert holder(root)["run_id"] == "run-b"
+
+
+def test_a_silent_lease_is_taken_over_after_its_expiry_and_a_dead_holder_at_once(tmp_path):
+    root = Root(str(tmp_path / "out"))
+    stale = {"run_id": "old", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600,
+             "expires_after_s": 120, "started": "2026-11-26T00:00:00+00:00"}  # fmt: skip
+    root.fs.makedirs(root.path, exist_ok=True)
+    root.fs.pipe_file(root.abs(LOCK), json.dumps(stale).encode())
+    with Lease(root, "new"):
+        assert holder(root)["run_id"] == "new"
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    fresh = {**stale, "host": socket.gethostname(), "pid": int(dead.stdout), "heartbeat": time.time()}
+    root.fs.pipe_file(root.abs(LOCK), json.dumps(fresh).encode())
+    with Lease(root, "after-kill"):  # its heartbeat is fresh, but its process is gone
+        assert holder(root)["run_id"] == "after-kill"
+
+    alive = {**fresh, "host": "elsewhere"}
+    root.fs.pipe_file(root.abs(LOCK), json.dumps(alive).encode())
+    with pytest.raises(LeaseHeld, match="its lease expires 1[12][0-9] s from now"):
+        Lease(root, "too-early").acquire()
+
+
+def test_the_heartbeat_renews_the_lease_and_a_run_that_lost_it_cannot_commit(tmp_path, monkeypatch):
+    import pipeline.commit as commit_module
+
+    monkeypatch.setattr(commit_module, "HEARTBEAT_S", 0.05)
+    root = Root(str(tmp_path / "out"))
+    with Lease(root, "run-a") as lease:
+        first = holder(root)["heartbeat"]
+        time.sleep(0.3)
+        assert holder(root)["heartbeat"] > first
+        lease.check()
+        # Another run takes it over (as if this one had stalled past its expiry).
+        root.fs.pipe_file(root.abs(LOCK), json.dumps({**holder(root), "run_id": "thief"}).encode())
+        time.sleep(0.3)
+        with pytest.raises(Exception, match="lost the lease"):
+            lease.check()
+    assert holder(root)["run_id"] == "thief"  # not released by the run that lost it
+
+
+def test_the_recover_command_finishes_a_journaled_commit_and_respects_a_live_lease(tmp_path, capsys):
+    from pipeline import cli
+
+    out, journal = layout(tmp_path)
+    Root(str(out)).write_json(journal.rel, {"run_id": "r2", "deletes": journal.deletes,
+                                            "moves": journal.moves, "writes": journal.writes,
+                                            "markers": journal.markers})  # fmt: skip
+    with Lease(Root(str(out)), "live-run"):
+        assert cli.main(["recover", str(out)]) == 2
+        assert "is in use by run live-run" in capsys.readouterr().err
+        assert (out / "_staging-r2").exists()  # a live run's staging is never touched
+    assert cli.main(["recover", str(out)]) == 0
+    assert "finished 1 interrupted commit(s)" in capsys.readouterr().out
+    assert seen(out) == NEW
