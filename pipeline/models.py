@@ -122,6 +122,49 @@ def is_cached(model: str, spec: str = "DEFAULT") -> bool:
     return os.path.exists(hub_cache_file(torchvision_weights(model, spec)))
 
 
+# How long a first run waits to learn whether the model zoo can be reached at all.
+REACH_TIMEOUT_S = 5.0
+
+
+def fetch_pretrained(model: str, spec: str = "DEFAULT", timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """Makes sure the torch hub cache holds the pretrained file, downloading it once.
+
+    Returns None when the file is there, or why it cannot be: without a network that is
+    known within ``timeout`` seconds (a HEAD request through the environment's proxies,
+    bounded even when name resolution hangs), not after a long wait.
+    """
+    entry = torchvision_weights(model, spec)
+    if os.path.exists(hub_cache_file(entry)):
+        return None
+    reason = _unreachable(entry.url, timeout)
+    if reason:
+        return reason
+    try:
+        entry.get_state_dict(progress=True, check_hash=True)  # torch.hub downloads into the cache
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _unreachable(url: str, timeout: float) -> str | None:
+    import threading
+    import urllib.request
+
+    result: list[str | None] = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            result.append(None)
+        except Exception as e:
+            result.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"no answer from {urlparse(url).netloc} within {timeout:g} s"
+
+
 def resolve(
     model: str,
     weights: str,

@@ -1,6 +1,7 @@
 """Weights resolution: torchvision names via the hub cache, checkpoints, 'none'."""
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -124,3 +125,53 @@ def test_uncached_name_without_network_says_where_to_put_the_file(torch_home, mo
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'resnet42'"):
         models.resolve("resnet42", "none")
+
+
+@pytest.fixture
+def black_hole():
+    """A TCP server that accepts connections and never answers: a network that hangs."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        server.close()
+
+
+def test_fetch_pretrained_uses_the_cache_and_gives_up_fast_without_a_network(
+    torch_home, monkeypatch, black_hole
+):
+    import time
+
+    cache = models.hub_cache_file(tvm.ResNet18_Weights.IMAGENET1K_V1)
+    os.makedirs(os.path.dirname(cache))
+    torch.save(models.build("resnet18").state_dict(), cache)
+    assert models.fetch_pretrained("resnet18") is None  # cached: nothing is asked of the network
+
+    # The model zoo behind a proxy that never answers: the answer comes within the timeout.
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, black_hole)
+    t0 = time.monotonic()
+    reason = models.fetch_pretrained("resnet50", timeout=1.0)
+    assert time.monotonic() - t0 < 10  # a bounded wait, not a hang (the timeout is 1 s)
+    assert reason and ("timed out" in reason or "within 1 s" in reason), reason
+    assert not models.is_cached("resnet50")
