@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +20,7 @@ from torch.fx.experimental.optimization import fuse
 from torchvision.transforms import functional as TF
 
 from pipeline import columns as C
-from pipeline import models
+from pipeline import efficiency, models
 from pipeline.decode import DEFAULT_MAX_PIXELS, Preprocess, decode_jpeg_batch, text_or_none
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -145,12 +148,17 @@ def cpu_threads() -> int:
 class Predictor:
     """Holds one ResNet; turns decoded uint8 batches into output-contract rows."""
 
-    def __init__(self, spec: PredictorSpec, *, progress=None, model_mode: str | None = None):
-        """``progress``: the run's progress counter (``run.start_progress``), told of every
-        batch. ``model_mode`` (one of ``MODEL_MODES``, for bf16/fp16) is there to compare
-        them (bench/gpu.py); the actors take ``default_model_mode``."""
+    def __init__(self, spec: PredictorSpec, *, stats=None, model_mode: str | None = None):
+        """``stats``: the run's ``efficiency.start_stats`` actor, told of every batch and where
+        its time went. ``model_mode`` (one of ``MODEL_MODES``, for bf16/fp16) is there to
+        compare them (bench/gpu.py); the actors take ``default_model_mode``."""
         self.spec = spec
-        self.progress = progress
+        self.stats = stats
+        self.actor_key = f"{socket.gethostname()}:{os.getpid()}"
+        # Time with no call in progress (calls may overlap: GPU actors take two at once).
+        self._lock = threading.Lock()
+        self._active = 0
+        self._idle_since: float | None = None
         self.device = pick_device(spec.device)
         self.precision = resolve_precision(spec.precision, self.device)
         if self.device.type == "cpu":
@@ -200,6 +208,10 @@ class Predictor:
             # Compile now, on a full batch, so its warm-up stays out of the steady state.
             crop = spec.preprocess.crop_size
             self.forward(np.zeros((spec.batch_size, crop, crop, 3), np.uint8))
+        # Ready: from here, time without a call is time spent waiting for input.
+        self._idle_since = time.perf_counter()
+        now = time.time()
+        efficiency.tell(self.stats, "ready", 0, now, self._idle_since, None, self.actor_key)
 
     def forward(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (N, H, W, 3) → (features float32 (N, D), logits float32 (N, classes)).
@@ -272,10 +284,28 @@ class Predictor:
         return C.output_schema(self.spec.task, self.spec.embedding_dim, self.spec.schema_metadata)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch[C.ID])
+        start, t0 = time.time(), time.perf_counter()
+        with self._lock:
+            waited = t0 - self._idle_since if self._active == 0 and self._idle_since is not None else 0.0
+            self._active += 1
+        try:
+            table, t1, t2 = self._call(batch, n, t0)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle_since = time.perf_counter()
+        t3 = time.perf_counter()
+        parts = {"inputs": t1 - t0, "forward": t2 - t1, "output": t3 - t2, "wait": waited}
+        efficiency.tell(self.stats, "model", n, start, t0, parts, self.actor_key)
+        return table
+
+    def _call(self, batch: dict[str, np.ndarray], n: int, t0: float):
         import pyarrow as pa
 
-        n = len(batch[C.ID])
         images, errors = self.inputs(batch)
+        t1 = time.perf_counter()
         ok = np.array([e is None for e in errors], dtype=bool)
         feats = logits = None
         if ok.any():
@@ -289,6 +319,7 @@ class Predictor:
                     errors[i] = f"non-finite model output at {self.precision}; try --precision fp32"
                 ok[bad] = False
                 feats, logits = feats[finite], logits[finite]
+        t2 = time.perf_counter()  # the forward pass has finished: its results are on the host
         cols: dict[str, pa.Array] = {
             C.ID: pa.array(batch[C.ID], pa.string()),
             C.SOURCE: pa.array(batch[C.SOURCE], pa.string()),
@@ -321,8 +352,6 @@ class Predictor:
             cols[C.EMBEDDING] = pa.FixedSizeListArray.from_arrays(
                 emb.reshape(-1), self.spec.embedding_dim, mask=missing
             )
-        if self.progress is not None:
-            self.progress.tick.remote(n)
         cols[C.MODEL] = pa.array([self.spec.model] * n, pa.string())
         cols[C.WEIGHTS] = pa.array([self.spec.weights_tag] * n, pa.string())
-        return pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
+        return pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema), t1, t2

@@ -10,7 +10,6 @@ them on their device (``Predictor.inputs``).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import posixpath
@@ -24,7 +23,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 
 from pipeline import columns as C
-from pipeline import commit, models, sinks, sources
+from pipeline import commit, efficiency, models, sinks, sources
 from pipeline.config import ConfigError, RunConfig
 from pipeline.decode import Preprocess, decode_batch
 from pipeline.predict import Predictor, PredictorSpec, cpu_threads, pick_device, resolve_precision
@@ -63,6 +62,7 @@ class Summary:
     run_id: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # Ray Data operator → wall seconds
     report: str = ""
+    efficiency: dict = field(default_factory=dict)  # efficiency.report: stages, actors, bottleneck
 
     @property
     def images_per_second(self) -> float:
@@ -79,7 +79,10 @@ class Summary:
             + (f", {self.skipped_files} other files skipped" if self.skipped_files else ""),
             f"speed     {self.images_per_second:.1f} images/s ({self.seconds:.1f} s wall)",
         ]
-        out += [f"stage     {name}: {secs:.1f} s" for name, secs in self.stages.items()]
+        if self.efficiency:
+            out += efficiency.lines(self.efficiency)
+        else:
+            out += [f"stage     {name}: {secs:.1f} s" for name, secs in self.stages.items()]
         out += [f"weights   {self.weights}", f"output    {self.output} ({len(self.files)} Parquet files)"]
         if self.report:
             out.append(f"report    {self.report}")
@@ -212,52 +215,42 @@ def decode_cpus(cpus_per_actor: float) -> float:
     return 0.25 if cpus_per_actor == 0.5 else 0.5
 
 
-def _read(batch, *, image_column: str, id_column: str, storage_options: dict, progress=None):
+def _read(batch, *, image_column: str, id_column: str, storage_options: dict, stats=None):
     for fmt, root, uris, size in zip(
         batch["format"], batch["root"], batch["uris"], batch["size"], strict=True
     ):
         shard = sources.Shard(str(fmt), str(root), tuple(str(u) for u in uris), int(size))
-        for table in sources.read_shard(shard, image_column, id_column, storage_options):
-            if progress is not None:
-                progress.tick.remote(table.num_rows)
+        tables = sources.read_shard(shard, image_column, id_column, storage_options)
+        while True:
+            start, t0 = time.time(), time.perf_counter()
+            table = next(tables, None)
+            if table is None:
+                break
+            efficiency.tell(stats, "read", table.num_rows, start, t0)
             yield table
 
 
-@functools.cache
-def _progress_counter():
-    """A Ray actor that the stages tell of every batch they finish: the watchdog's signal."""
-    import ray
-
-    @ray.remote(num_cpus=0, max_restarts=0)
-    class Progress:
-        def __init__(self):
-            self.count = 0
-
-        def tick(self, n: int) -> None:
-            self.count += n
-
-        def value(self) -> int:
-            return self.count
-
-    return Progress
+def _decode(batch, *, spec: Preprocess, max_pixels: int, stats=None):
+    start, t0 = time.time(), time.perf_counter()
+    out = decode_batch(batch, spec, max_pixels)
+    efficiency.tell(stats, "decode", len(out[C.ID]), start, t0)
+    return out
 
 
-def start_progress():
-    """The run's progress counter, on the driver's node (it lives as long as the driver)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return _progress_counter().options(scheduling_strategy=here).remote()
-
-
-def build(plan: Plan, progress=None):
+def build(plan: Plan, stats=None):
     """The lazy dataset: shards → rows → decoded uint8 → predictions (nothing runs yet).
 
-    ``progress``: a ``start_progress`` counter the read tasks and the model actors tick."""
+    ``stats``: the run's ``efficiency.start_stats`` actor, told of every batch."""
     import ray
 
     cfg = plan.config
+    # Blocks of about one model batch of decoded crops: Ray Data's default (128 MiB, some
+    # 870 crops) held a read+decode task's output back until the task ended, so the model
+    # waited for a whole shard to be decoded before its first batch (efficiency report).
+    crop = Preprocess.from_transforms(plan.weights.transforms).crop_size
+    ray.data.DataContext.get_current().target_max_block_size = max(
+        1 << 20, cfg.compute.batch_size * crop * crop * 3
+    )
     shards = sources.shards(plan.listing)
     items = [{"format": s.format, "root": s.root, "uris": list(s.uris), "size": s.size} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -271,24 +264,27 @@ def build(plan: Plan, progress=None):
             "image_column": cfg.source.image_column,
             "id_column": cfg.source.id_column,
             "storage_options": cfg.storage_options,
-            "progress": progress,
+            "stats": stats,
         },
     )
     c = cfg.compute
     if c.decode == "cpu":
         ds = ds.map_batches(
-            decode_batch,
+            _decode,
+            # Batches of the model's size: decoding streams into the actors as it goes.
+            batch_size=c.batch_size,
             batch_format="numpy",
             num_cpus=cpus,
             fn_kwargs={
                 "spec": Preprocess.from_transforms(plan.weights.transforms),
                 "max_pixels": cfg.source.max_pixels,
+                "stats": stats,
             },
         )
     spec = predictor_spec(plan, ray.put(plan.weights.state_dict))
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"spec": spec, "progress": progress},
+        fn_constructor_kwargs={"spec": spec, "stats": stats},
         compute=actor_pool(c),
         batch_size=c.batch_size,
         batch_format="numpy",
@@ -340,28 +336,41 @@ class Execution:
     seconds: float
     stages: dict[str, float]
     rows: int  # rows written, one per input image
+    efficiency: dict = field(default_factory=dict)  # efficiency.report
 
 
 def execute(plan: Plan, staging: str) -> Execution:
     """Runs the whole Ray Data chain into ``staging`` (a path readers skip); commits nothing."""
+    import ray
+
     config = plan.config
+    run_start = time.time()
     started_here = init_ray()
     try:
         _check_reservations(config)
         _check_shared_output(config)
         t0 = time.perf_counter()
-        progress = start_progress()
-        ds = build(plan, progress)
+        stats = efficiency.start_stats()
+        ds = build(plan, stats)
         staged = _watched(
             lambda: sinks.write_staged(
-                ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options
+                ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options, stats
             ),
-            progress,
+            stats,
             config.compute.stall_timeout,
         )
         seconds = time.perf_counter() - t0
+        run_end = time.time()
         check_rows(staged.rows, staged.visible_rows, f"the staged files that the driver sees under {staging}")
-        return Execution(staged.files, seconds, stage_times(ds.stats()), staged.rows)
+        # Every stage tells of each row once; the last few tells may still be on their way.
+        stages_run = 3 if config.compute.decode == "gpu" else 4
+        deadline = time.monotonic() + 10
+        while ray.get(stats.value.remote()) < stages_run * staged.rows and time.monotonic() < deadline:
+            time.sleep(0.1)
+        snapshot = ray.get(stats.snapshot.remote())
+        cpus = ray.cluster_resources().get("CPU", 0)
+        report = efficiency.report(snapshot, run_start, run_end, cpus)
+        return Execution(staged.files, seconds, stage_times(ds.stats()), staged.rows, report)
     finally:
         if started_here:
             import ray
@@ -369,7 +378,7 @@ def execute(plan: Plan, staging: str) -> Execution:
             ray.shutdown()
 
 
-def _watched(work, progress, stall_timeout: float):
+def _watched(work, stats, stall_timeout: float):
     """Runs ``work`` (the Ray Data execution) in a thread and returns its result, unless no
     batch is read or predicted for ``stall_timeout`` seconds: then the run fails with one
     line saying what it waited for, instead of hanging (a lost node whose re-created
@@ -391,7 +400,7 @@ def _watched(work, progress, stall_timeout: float):
     while thread.is_alive():
         thread.join(timeout=min(5.0, stall_timeout / 4))
         try:
-            count = ray.get(progress.value.remote(), timeout=10)
+            count = ray.get(stats.value.remote(), timeout=10)
         except Exception:
             count = last
         if count != last:
@@ -448,6 +457,7 @@ def run(config: RunConfig, plan: Plan | None = None) -> Summary:
             run_id=run_id,
             stages=ex.stages,
             report=f"{sink.output.rstrip('/')}/{sinks.REPORT_NAME}",
+            efficiency=ex.efficiency,
         )
         report = {
             **summary.as_dict(),

@@ -108,7 +108,9 @@ class Staged:
     visible_rows: int  # the rows in ``files``, from their footers
 
 
-def write_staged(ds, staging: str, schema: pa.Schema, rows_per_file: int, storage_options=None) -> Staged:
+def write_staged(
+    ds, staging: str, schema: pa.Schema, rows_per_file: int, storage_options=None, stats=None
+) -> Staged:
     """Runs the dataset into Parquet under ``staging`` (a path readers skip).
 
     What Ray wrote and what the driver sees are counted separately: they differ when the
@@ -125,6 +127,7 @@ def write_staged(ds, staging: str, schema: pa.Schema, rows_per_file: int, storag
         filename_provider=_filename_provider(),
         dataset_uuid=uuid.uuid4().hex,
     )
+    sink.stats = stats  # the run's efficiency.Stats actor: each write task tells of its rows
     ds.write_datasink(sink)
     fs, path = url_to_fs(staging, storage_options)
     fs.invalidate_cache()
@@ -141,6 +144,20 @@ def _counting_parquet_datasink():
 
     class CountingParquetDatasink(ParquetDatasink):
         rows = 0
+        stats = None
+
+        def write(self, blocks, ctx):
+            import time
+
+            from ray.data.block import BlockAccessor
+
+            from pipeline.efficiency import tell
+
+            start, t0 = time.time(), time.perf_counter()
+            blocks = list(blocks)
+            out = super().write(blocks, ctx)
+            tell(self.stats, "write", sum(BlockAccessor.for_block(b).num_rows() for b in blocks), start, t0)
+            return out
 
         def on_write_complete(self, write_result):
             super().on_write_complete(write_result)

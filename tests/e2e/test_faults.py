@@ -76,6 +76,16 @@ def _kill(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(procs, timeout=15)
 
 
+def _own_ports() -> list[str]:
+    """Free ports for a node's side services, which otherwise take fixed defaults (the
+    dashboard agent's 52365, say) that another Ray on the machine may hold."""
+    return [
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+        "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def two_nodes(tmp_path):
     """A real two-node Ray cluster on this machine: `ray start --head` and `ray start
@@ -89,11 +99,17 @@ def two_nodes(tmp_path):
     port = free_port()
     common = ["--num-cpus", "2", "--disable-usage-stats"]
     try:
+        # As on a real cluster: a token exists, so `ray start` turns token authentication on
+        # (and an in-process ray.init() earlier in the session has set RAY_AUTH_MODE=token).
+        subprocess.run([*ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
         head = ["--head", "--port", str(port), "--include-dashboard", "false"]
-        subprocess.run([*ray, "start", *head, "--temp-dir", dirs[0], *common],
-                       env=env, check=True, capture_output=True, timeout=180)  # fmt: skip
-        subprocess.run([*ray, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", dirs[1], *common],
-                       env=env, check=True, capture_output=True, timeout=180)  # fmt: skip
+        for args in (
+            [*head, "--temp-dir", dirs[0]],
+            ["--address", f"127.0.0.1:{port}", "--temp-dir", dirs[1]],
+        ):
+            started = subprocess.run([*ray, "start", *args, *common, *_own_ports()],
+                                     env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         yield f"127.0.0.1:{port}", dirs[1], {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         for d in dirs:

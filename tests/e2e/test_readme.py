@@ -68,3 +68,45 @@ def test_every_reading_recipe_returns_the_committed_rows_only(committed, monkeyp
     got = [dict(zip(columns, r, strict=True)) for r in rows]
     assert sorted(r["id"] for r in got) == sorted(ids)
     assert {str(r["dt"]) for r in got} == {"2026-11-25"}
+
+
+def test_the_running_it_commands_run_as_written(ray_cluster, tmp_path, monkeypatch, capsys):
+    """The first commands a reader copies: their inputs made, the pretrained file put in the
+    hub cache (no download here), each line run through the CLI on the module's Ray."""
+    import shlex
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline import models
+    from pipeline.samples import make_samples
+    from tests.conftest import GOOD, write_tar
+
+    [(lang, block)] = readme_blocks("## Running it")[:1]
+    assert lang == "bash"
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert all(c[:3] == [".venv/bin/python", "-m", "pipeline"] for c in commands) and len(commands) == 4
+
+    monkeypatch.chdir(tmp_path)
+    make_samples("data/samples", count=3)
+    os.makedirs("shards")
+    for i in range(100):
+        write_tar(f"shards/shard-{i:06d}.tar", [(f"s{i}", {"jpg": GOOD["good/cat.jpg"]})])
+    pq.write_table(pa.table({"img": pa.array([GOOD["good/cat.jpg"]] * 3, pa.binary())}), "data.parquet")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = models.hub_cache_file(models.torchvision_weights("resnet50", "DEFAULT"))
+    os.makedirs(os.path.dirname(cache))
+    torch.save(models.build("resnet50").state_dict(), cache)
+
+    for command in commands:
+        try:
+            code = cli.main(command[3:])
+        except SystemExit as e:  # --version
+            code = e.code
+        assert code == 0, (command, capsys.readouterr().err[-2000:])
+    out = capsys.readouterr().out
+    assert "rows      4 (3 ok, 1 error)" in out and "rows      100 (100 ok, 0 error)" in out
+    assert "rows      3 (3 ok, 0 error)" in out and "python -m pipeline 0.1.0" in out
+    for folder in ("out/run1", "out/wds", "out/pq"):
+        assert os.path.exists(f"{folder}/_report.json")
