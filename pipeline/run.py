@@ -10,6 +10,7 @@ them on their device (``Predictor.inputs``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 
@@ -237,10 +238,11 @@ def _decode(batch, *, spec: Preprocess, max_pixels: int, stats=None):
     return out
 
 
-def build(plan: Plan, stats=None):
+def build(plan: Plan, stats=None, slots=None):
     """The lazy dataset: shards → rows → decoded uint8 → predictions (nothing runs yet).
 
-    ``stats``: the run's ``efficiency.start_stats`` actor, told of every batch."""
+    ``stats``: the run's ``efficiency.start_stats`` actor, told of every batch.
+    ``slots``: ``cpu_actor_slots``' placement group for the model actors, or None."""
     import ray
 
     cfg = plan.config
@@ -282,14 +284,22 @@ def build(plan: Plan, stats=None):
             },
         )
     spec = predictor_spec(plan, ray.put(plan.weights.state_dict))
+    placement = {}
+    if slots is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(slots)
+        # One actor per node: each takes its node's cores.
+        spec = replace(spec, threads=c.threads_per_actor)
     return ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"spec": spec, "stats": stats},
-        compute=actor_pool(c),
+        compute=actor_pool(c, len(slots.bundle_specs) if slots is not None else None),
         batch_size=c.batch_size,
         batch_format="numpy",
         num_cpus=c.cpus_per_actor,
         num_gpus=c.num_gpus_per_actor,
+        **placement,
     )
 
 
@@ -300,17 +310,49 @@ def build(plan: Plan, stats=None):
 GPU_CALLS_PER_ACTOR = 2
 
 
-def actor_pool(c) -> object:
-    """The model stage's ``ActorPoolStrategy`` for a ``ComputeConfig``."""
+def actor_pool(c, max_size: int | None = None) -> object:
+    """The model stage's ``ActorPoolStrategy`` for a ``ComputeConfig`` (``max_size``: a cap)."""
     import ray
 
     calls = GPU_CALLS_PER_ACTOR if c.num_gpus_per_actor > 0 else 1
+    hi = min(c.actors[1], max_size or c.actors[1])
     return ray.data.ActorPoolStrategy(
-        min_size=c.actors[0],
-        max_size=c.actors[1],
+        min_size=min(c.actors[0], hi),
+        max_size=hi,
         max_concurrent_calls_per_actor=calls,
         enable_true_multi_threading=calls > 1,
     )
+
+
+def cpu_actor_slots(config: RunConfig):
+    """On a cluster of several nodes, CPU model actors get one slot per node: a placement
+    group of STRICT_SPREAD bundles, one actor's CPUs each. None elsewhere (one node, or
+    GPU actors, which their GPUs already spread).
+
+    A CPU actor uses its node's cores through its threads, so one per node is the layout
+    anyway. The slots are what keeps it so when a node is lost: Ray re-creates the lost
+    actor only in its own bundle, which waits for a new node, instead of on the nodes
+    left, where it took the CPUs that reading, decoding and writing need, and the run
+    waited forever.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    c = config.compute
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= c.cpus_per_actor]
+    if c.num_gpus_per_actor > 0 or c.cpus_per_actor <= 0 or len(nodes) < 2:
+        return None
+    slots = placement_group(
+        [{"CPU": c.cpus_per_actor}] * min(c.actors[1], len(nodes)), strategy="STRICT_SPREAD"
+    )
+    if not slots.wait(timeout_seconds=60):
+        remove_placement_group(slots)
+        print(
+            "warning: could not place one model actor per node; actors go where Ray puts them",
+            file=sys.stderr,
+        )
+        return None
+    return slots
 
 
 def new_run_id() -> str:
@@ -346,12 +388,14 @@ def execute(plan: Plan, staging: str) -> Execution:
     config = plan.config
     run_start = time.time()
     started_here = init_ray()
+    slots = None
     try:
         _check_reservations(config)
         _check_shared_output(config)
         t0 = time.perf_counter()
         stats = efficiency.start_stats()
-        ds = build(plan, stats)
+        slots = cpu_actor_slots(config)
+        ds = build(plan, stats, slots)
         staged = _watched(
             lambda: sinks.write_staged(
                 ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options, stats
@@ -372,9 +416,12 @@ def execute(plan: Plan, staging: str) -> Execution:
         report = efficiency.report(snapshot, run_start, run_end, cpus)
         return Execution(staged.files, seconds, stage_times(ds.stats()), staged.rows, report)
     finally:
-        if started_here:
-            import ray
+        if slots is not None and ray.is_initialized():
+            from ray.util.placement_group import remove_placement_group
 
+            with contextlib.suppress(Exception):
+                remove_placement_group(slots)
+        if started_here:
             ray.shutdown()
 
 
@@ -419,7 +466,7 @@ def _watched(work, stats, stall_timeout: float):
             os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
             logging.getLogger("ray.data").setLevel(logging.CRITICAL)
             ray.shutdown()
-            thread.join(timeout=60)
+            thread.join(timeout=5)  # a daemon: if it has not ended, it ends with the process
             raise RunError(message)
     if "error" in out:
         raise out["error"]

@@ -5,6 +5,7 @@ simulated but the timing."""
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,14 +94,15 @@ def two_nodes(tmp_path):
     home = tmp_path / "home"  # Ray 2.60 writes its auth token under ~/.ray
     home.mkdir()
     dirs = [tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("rh", "rw")]  # short: unix sockets
-    env = {**os.environ, **AWS_TEST_ENV, "HOME": str(home), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, **AWS_TEST_ENV, "HOME": str(home), "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           "RAY_AUTH_MODE": "token"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     port = free_port()
     common = ["--num-cpus", "2", "--disable-usage-stats"]
     try:
-        # As on a real cluster: a token exists, so `ray start` turns token authentication on
-        # (and an in-process ray.init() earlier in the session has set RAY_AUTH_MODE=token).
+        # As on a real cluster: a token exists, so `ray start` turns token authentication on,
+        # and every process that joins says so (RAY_AUTH_MODE=token).
         subprocess.run([*ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
         head = ["--head", "--port", str(port), "--include-dashboard", "false"]
         for args in (
@@ -119,7 +121,9 @@ def two_nodes(tmp_path):
 
 def test_losing_a_node_mid_run_ends_the_run_in_bounded_time_and_a_rerun_completes(tmp_path, two_nodes):
     """The worker node's every process is SIGKILLed while a model actor works there. The
-    re-created actor used to take the last CPUs of the head, and the run waited forever."""
+    re-created actor used to take the last CPUs of the head, and the run waited forever.
+    Now it waits for a node of its own (one CPU actor per node), and the run usually
+    finishes on the head; if it cannot, the stall watchdog ends it."""
     address, worker_dir, env = two_nodes
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -157,3 +161,20 @@ def test_losing_a_node_mid_run_ends_the_run_in_bounded_time_and_a_rerun_complete
     assert again.returncode == 0, again.stderr[-3000:]
     ids = out.ids()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+
+
+def test_a_run_without_progress_fails_in_one_line_and_commits_nothing(tmp_path):
+    """The stall watchdog on its own: ResNet-152 takes seconds to load and to run its first
+    batch, far past a 2-second --stall-timeout once the images are read and decoded."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    make_shard(shards, "a", 8, 0)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(shards), "--output", str(out),
+           "--model", "resnet152", "--weights", "none", "--stall-timeout", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: run failed: no progress for 2 s \(--stall-timeout\) after \d+ rows", last), last
+    assert "1 of 1 nodes alive" in last and last.endswith("nothing was committed")
+    assert not list(out.glob("*.parquet")) and not (out / "_lock.json").exists()
