@@ -36,6 +36,7 @@ import os
 import posixpath
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -52,7 +53,6 @@ STATE = "_state"
 JOURNAL_PREFIX = f"{STATE}/commit-"
 STAGING_PREFIX = "_staging-"
 LEASE_EXPIRY_S = float(os.environ.get("PIPELINE_LEASE_EXPIRY_S", 120))
-HEARTBEAT_S = LEASE_EXPIRY_S / 8
 
 
 class LeaseHeld(ConfigError):
@@ -106,15 +106,28 @@ class Root:
         return default if data is None else json.loads(data)
 
     def write_json(self, rel: str, value) -> None:
-        """Atomic: a whole-object PUT on object stores, write-then-rename on disks."""
+        """Atomic: a whole-object PUT on object stores, write, fsync, then rename on disks."""
         data = json.dumps(value, indent=1, sort_keys=True).encode()
         if self.local:
             tmp = self.abs(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
             self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
             self.fs.pipe_file(tmp, data)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             self.fs.mv(tmp, self.abs(rel))
         else:
             self.fs.pipe_file(self.abs(rel), data)
+
+    def modified(self, rel: str) -> float | None:
+        """When ``rel`` was last written (seconds since the epoch), or None."""
+        try:
+            info = self.fs.info(self.abs(rel))
+        except FileNotFoundError:
+            return None
+        when = info.get("mtime") or info.get("LastModified") or info.get("updated")
+        if hasattr(when, "timestamp"):
+            return when.timestamp()
+        return float(when) if when else None
 
     def move_in(self, src: str, dst: str) -> None:
         """A rename on disks, a whole-object copy then delete on object stores."""
@@ -173,14 +186,19 @@ def commit(root: Root, journal: Journal) -> None:
 
 
 def _apply(root: Root, j: Journal) -> None:
+    # Every new file must be staged or in place before an old one goes.
+    lost = [src for src, dst in j.moves if not root.exists(src) and not root.exists(dst)]
+    if lost:
+        raise CommitError(
+            f"commit {j.run_id}: {len(lost)} files are neither staged nor in place (first: "
+            f"{redact(root.abs(lost[0]))}); nothing was deleted"
+        )
     # Old files go before new ones arrive: a reader never sees an image twice.
     for rel in j.deletes:
         root.remove(rel)
     for src, dst in j.moves:
         if root.exists(src):
             root.move_in(src, dst)
-        elif not root.exists(dst):
-            raise CommitError(f"{redact(root.abs(src))} is neither staged nor in place at {dst}")
     for rel, value in j.writes.items():
         root.write_json(rel, value)
     for rel, present in j.markers.items():
@@ -197,6 +215,7 @@ def recover(root: Root) -> int:
     """
     names = root.listing()
     journals = sorted(n for n in names if n.startswith(JOURNAL_PREFIX) and n.endswith(".json"))
+    finished = 0
     for rel in journals:
         raw = root.read_json(rel, None)
         if raw is None:
@@ -208,39 +227,55 @@ def recover(root: Root) -> int:
             writes=dict(raw["writes"]),
             markers=dict(raw["markers"]),
         )
+        if j.moves and not any(root.exists(s) or root.exists(d) for s, d in j.moves):
+            # A journal written after its run lost the lease and its staging was dropped:
+            # nothing of it was applied (_apply checks before it deletes). Undo it.
+            print(
+                f"dropped commit {j.run_id}: its staged files are gone; the old files stay", file=sys.stderr
+            )
+            root.remove(rel)
+            continue
         _apply(root, j)
         root.remove(rel)
+        finished += 1
     for stale in sorted({n.split("/", 1)[0] for n in names if n.startswith(STAGING_PREFIX)}):
         root.remove(stale)
     for tmp in (n for n in names if _TMP.search(n)):
         root.remove(tmp)  # a JSON write killed before its rename
-    return len(journals)
+    return finished
 
 
 # ----------------------------------------------------------------------------- the lease
 
 
 class Lease:
-    """The output root's lock, held for a run: ``with Lease(root, run_id): ...``."""
+    """The output root's lock, held for a run: ``with Lease(root, run_id): ...``.
+
+    ``check()`` renews the lease by compare-and-swap and raises if it was lost: a run calls
+    it right before its commit point, so a run that stalled past its expiry and was taken
+    over can never commit (fencing), whatever the clocks of its hosts say.
+    """
 
     def __init__(self, root: Root, run_id: str, expiry_s: float = LEASE_EXPIRY_S):
         self.root = root
         self.run_id = run_id
         self.expiry_s = expiry_s
         self._mine: bytes | None = None  # the lease's bytes as we last wrote them
+        self._lock = threading.Lock()  # the heartbeat, check() and release() swap one at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewed = time.monotonic()
         self.lost = False
 
     def _record(self, started: str | None = None) -> bytes:
-        now = time.time()
         return json.dumps(
             {
                 "run_id": self.run_id,
                 "host": socket.gethostname(),
+                "pid_namespace": _pid_namespace(),
                 "pid": os.getpid(),
                 "started": started or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "heartbeat": now,
+                "heartbeat": time.time(),
                 "expires_after_s": self.expiry_s,
             },
             sort_keys=True,
@@ -268,9 +303,12 @@ class Lease:
             if held is None:
                 continue  # released meanwhile: try again
             holder = _parse(held)
-            age = time.time() - float(holder.get("heartbeat", 0))
+            if "heartbeat" not in holder:  # unreadable (a crash mid-write elsewhere): its file's age
+                holder["heartbeat"] = self.root.modified(LOCK) or time.time()
+            age = time.time() - float(holder["heartbeat"])
             alive = age <= float(holder.get("expires_after_s", self.expiry_s))
-            if alive and holder.get("host") == socket.gethostname():
+            same_host = holder.get("host") == socket.gethostname()
+            if alive and same_host and holder.get("pid_namespace") == _pid_namespace():
                 alive = _pid_alive(holder.get("pid"))  # a killed run on this host: no need to wait
             if alive:
                 raise LeaseHeld(
@@ -286,44 +324,71 @@ class Lease:
         raise LeaseHeld(f"output {redact(self.root.uri)}: could not take its lease; another run is taking it")
 
     def release(self) -> None:
-        if self._mine is not None and not self.lost:
-            self._swap(self._mine, None)
-        self._mine = None
+        with self._lock:
+            if self._mine is not None and not self.lost:
+                with contextlib.suppress(Exception):  # not ours any more: it expires on its own
+                    self._swap(self._mine, None)
+            self._mine = None
 
-    def _beat(self) -> None:
-        started = _parse(self._mine or b"{}").get("started")
-        while not self._stop.wait(HEARTBEAT_S):
-            fresh = self._record(started)
-            if self._swap(self._mine, fresh):
+    def _renew(self) -> bool:
+        """Rewrites the lease with a fresh heartbeat if it is still ours."""
+        with self._lock:
+            if self.lost or self._mine is None:
+                return False
+            fresh = self._record(_parse(self._mine).get("started"))
+            try:
+                renewed = self._swap(self._mine, fresh)
+            except Exception:
+                return False  # a failing store: retried at the next beat, and check() says so
+            if renewed:
                 self._mine = fresh
+                self._renewed = time.monotonic()
             else:
                 self.lost = True  # taken over: this run must not commit
+            return renewed
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.expiry_s / 8):
+            if not self._renew() and (self.lost or time.monotonic() - self._renewed > self.expiry_s / 2):
+                self.lost = True  # not renewed for half its expiry: another run may take it over
                 return
 
     def check(self) -> None:
-        """Raises if the lease was lost (this run stalled past its expiry and was taken over)."""
-        if self.lost or self._mine is None:
+        """Renews the lease now; raises if it is no longer this run's (see the class doc)."""
+        if not self._renew():
+            self.lost = True
             raise CommitError(f"lost the lease on {redact(self.root.uri)} to another run; nothing committed")
 
     # -- the two atomic operations, per file system
 
     def _create(self, data: bytes) -> bool:
-        """Creates the lease file only if there is none."""
+        """Creates the lease file, whole, only if there is none."""
         path = self.root.abs(LOCK)
         self.root.fs.makedirs(self.root.path, exist_ok=True)
         if self.root.local:
+            # Written whole to a name of our own, then linked into place: link() fails if the
+            # lease exists, and no one ever sees it half written.
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            finally:
+                os.remove(tmp)
             return True
         if self.root.s3:
             try:
                 self.root.fs.pipe_file(path, data, mode="create")
             except FileExistsError:
                 return False
+            except OSError:  # a store that reports the precondition otherwise
+                if self.root.read_bytes(LOCK) is not None:
+                    return False
+                raise
             return True
         if self.root.exists(LOCK):  # other stores: best effort, not atomic
             return False
@@ -347,9 +412,11 @@ class Lease:
                 if data is None:
                     os.remove(path)
                 else:
-                    tmp = f"{path}.{uuid.uuid4().hex[:8]}"
+                    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
                     with open(tmp, "wb") as f:
                         f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
                     os.replace(tmp, path)
                 return True
         if self.root.s3:
@@ -375,6 +442,14 @@ class Lease:
         else:
             self.root.fs.pipe_file(path, data)
         return True
+
+
+def _pid_namespace() -> str:
+    """Which process ids a pid means: containers on one host name have their own."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _pid_alive(pid) -> bool:

@@ -76,7 +76,7 @@ def open_file(uri: str, mode: str = "rb", options: dict | None = None):
 # A URI's secrets: "user:password@", and the query string of an HTTP(S) URL (a presigned
 # URL carries the key id, signature and session token there). Other schemes keep theirs:
 # "?" is a legal character of file and object names.
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]+@")
 _QUERY = re.compile(r"\b(https?://[^\s?#\"'`]*)\?[^\s#\"'`]*", re.IGNORECASE)
 
 
@@ -100,6 +100,10 @@ def redact_all(value):
     return value
 
 
+# Schemes fsspec serves with the same file system (s3fs, gcsfs, adlfs).
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+
+
 def canonical_uri(uri: str) -> str:
     """``uri`` in one absolute spelling, settled on the driver before anything else.
 
@@ -112,10 +116,12 @@ def canonical_uri(uri: str) -> str:
         return uri
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
+        uri = uri[len("localhost") :] if uri.startswith("localhost/") else uri
     if "://" not in uri:
         trailing = "/" if uri.endswith("/") and len(uri) > 1 else ""
         return os.path.realpath(os.path.expanduser(uri)) + trailing
     scheme, rest = uri.split("://", 1)
+    scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())  # one store, one spelling
     bucket, _, key = rest.partition("/")
     parts: list[str] = []
     for part in key.split("/"):
@@ -125,7 +131,7 @@ def canonical_uri(uri: str) -> str:
         elif part not in ("", "."):
             parts.append(part)
     trailing = "/" if key.endswith("/") and parts else ""
-    return f"{scheme.lower()}://{bucket}" + ("/" + "/".join(parts) if parts else "") + trailing
+    return f"{scheme}://{bucket}" + ("/" + "/".join(parts) if parts else "") + trailing
 
 
 def pattern_base(uri: str) -> str:

@@ -139,7 +139,10 @@ def test_a_silent_lease_is_taken_over_after_its_expiry_and_a_dead_holder_at_once
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    fresh = {**stale, "host": socket.gethostname(), "pid": int(dead.stdout), "heartbeat": time.time()}
+    from pipeline.commit import _pid_namespace
+
+    fresh = {**stale, "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
+             "pid": int(dead.stdout), "heartbeat": time.time()}  # fmt: skip
     root.fs.pipe_file(root.abs(LOCK), json.dumps(fresh).encode())
     with Lease(root, "after-kill"):  # its heartbeat is fresh, but its process is gone
         assert holder(root)["run_id"] == "after-kill"
@@ -150,12 +153,9 @@ def test_a_silent_lease_is_taken_over_after_its_expiry_and_a_dead_holder_at_once
         Lease(root, "too-early").acquire()
 
 
-def test_the_heartbeat_renews_the_lease_and_a_run_that_lost_it_cannot_commit(tmp_path, monkeypatch):
-    import pipeline.commit as commit_module
-
-    monkeypatch.setattr(commit_module, "HEARTBEAT_S", 0.05)
+def test_the_heartbeat_renews_the_lease_and_a_run_that_lost_it_cannot_commit(tmp_path):
     root = Root(str(tmp_path / "out"))
-    with Lease(root, "run-a") as lease:
+    with Lease(root, "run-a", expiry_s=0.4) as lease:  # a beat every 0.05 s
         first = holder(root)["heartbeat"]
         time.sleep(0.3)
         assert holder(root)["heartbeat"] > first
@@ -182,3 +182,76 @@ def test_the_recover_command_finishes_a_journaled_commit_and_respects_a_live_lea
     assert cli.main(["recover", str(out)]) == 0
     assert "finished 1 interrupted commit(s)" in capsys.readouterr().out
     assert seen(out) == NEW
+
+
+def test_a_lease_is_never_seen_half_written_and_one_of_many_takers_wins(tmp_path):
+    """The lease file used to be created empty and then written: a second run reading it in
+    between took the empty record for an expired lease, and both held it."""
+    import threading
+
+    root = Root(str(tmp_path / "out"))
+    for attempt in range(20):
+        won, start = [], threading.Barrier(4)
+
+        def take(i, start=start, won=won, attempt=attempt):
+            start.wait()
+            try:
+                Lease(Root(str(tmp_path / "out")), f"run-{attempt}-{i}").acquire()
+                won.append(i)
+            except LeaseHeld:
+                pass
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1, (attempt, won)
+        assert holder(root)["run_id"] == f"run-{attempt}-{won[0]}"
+        os.remove(root.abs(LOCK))
+
+    # A lease left empty by a crash elsewhere counts as written when its file was.
+    root.fs.pipe_file(root.abs(LOCK), b"")
+    with pytest.raises(LeaseHeld):
+        Lease(root, "too-early").acquire()
+    os.utime(root.abs(LOCK), (time.time() - 3600, time.time() - 3600))
+    with Lease(root, "later"):
+        assert holder(root)["run_id"] == "later"
+
+
+def test_a_run_whose_heartbeat_cannot_write_loses_its_lease(tmp_path, monkeypatch):
+    """An error inside the heartbeat (a stale NFS handle, say) once killed its thread quietly:
+    the lease expired, another run took it, and the first still passed check()."""
+    root = Root(str(tmp_path / "out"))
+    lease = Lease(root, "run-a", expiry_s=0.4)
+    with lease:
+
+        def failing(*args):
+            raise OSError(116, "Stale file handle")
+
+        monkeypatch.setattr(lease, "_swap", failing)
+        time.sleep(0.5)
+        assert lease.lost
+        with pytest.raises(Exception, match="lost the lease"):
+            lease.check()
+
+
+def test_a_run_taken_over_before_its_commit_point_commits_nothing(tmp_path):
+    """check() renews by compare-and-swap right before the journal: no clock is trusted. If a
+    journal is written anyway after its staging was dropped, nothing old is deleted, and
+    recovery drops that journal instead of stopping every later run."""
+    out, journal = layout(tmp_path)
+    a = Lease(Root(str(out)), "r2")
+    a.acquire()
+    stolen = {**holder(Root(str(out))), "run_id": "b"}
+    Root(str(out)).fs.pipe_file(Root(str(out)).abs(LOCK), json.dumps(stolen).encode())
+    with pytest.raises(Exception, match="lost the lease"):
+        a.check()
+
+    recover(Root(str(out)))  # the new holder drops r2's staging: r2 has no journal yet
+    with pytest.raises(Exception, match="neither staged nor in place"):
+        commit(Root(str(out)), journal)  # a journal written after all
+    old = {n: d for n, d in OLD.items() if n.endswith(".parquet")}
+    assert seen(out) == old  # nothing deleted
+    assert recover(Root(str(out))) == 0 and seen(out) == old
+    assert not [p for p in out.rglob("commit-*")]
