@@ -426,51 +426,64 @@ def execute(plan: Plan, staging: str) -> Execution:
 
 
 def _watched(work, stats, stall_timeout: float):
-    """Runs ``work`` (the Ray Data execution) in a thread and returns its result, unless no
-    batch is read or predicted for ``stall_timeout`` seconds: then the run fails with one
+    """Runs ``work`` (the Ray Data execution) in this thread and returns its result, unless
+    no batch is read or predicted for ``stall_timeout`` seconds: then the run fails with one
     line saying what it waited for, instead of hanging (a lost node whose re-created
-    actors hold every CPU left would otherwise wait forever)."""
+    actors hold every CPU left would otherwise wait forever).
+
+    A watcher thread interrupts this thread, as Ctrl+C would, so that Ray Data stops its own
+    execution on the way out; the execution never outlives the run (an execution left in a
+    thread could start a fresh Ray after ours was shut down, and crash at exit)."""
+    import _thread
+
     import ray
 
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = work()
-        except BaseException as e:  # handed to the caller's thread
-            out["error"] = e
-
-    thread = threading.Thread(target=target, name="ray-data-execution", daemon=True)
-    thread.start()
+    lock, finished, stalled = threading.Lock(), threading.Event(), {}
     nodes_at_start = len([n for n in ray.nodes() if n.get("Alive")])
-    last, changed = -1, time.monotonic()
-    while thread.is_alive():
-        thread.join(timeout=min(5.0, stall_timeout / 4))
-        try:
-            count = ray.get(stats.value.remote(), timeout=10)
-        except Exception:
-            count = last
-        if count != last:
-            last, changed = count, time.monotonic()
-        elif thread.is_alive() and time.monotonic() - changed > stall_timeout:
+
+    def watch():
+        last, changed = -1, time.monotonic()
+        while not finished.wait(timeout=min(5.0, stall_timeout / 4)):
+            try:
+                count = ray.get(stats.value.remote(), timeout=10)
+            except Exception:
+                count = last
+            if count != last:
+                last, changed = count, time.monotonic()
+                continue
+            if time.monotonic() - changed <= stall_timeout:
+                continue
             nodes = len([n for n in ray.nodes() if n.get("Alive")])
             free, total = ray.available_resources(), ray.cluster_resources()
-            message = (
-                f"no progress for {stall_timeout:g} s (--stall-timeout) after {max(last, 0)} rows "
-                f"read or predicted: waiting for Ray to schedule the rest, with {nodes} of "
-                f"{nodes_at_start} nodes alive and {free.get('CPU', 0):g} of {total.get('CPU', 0):g} "
-                "CPUs free; nothing was committed"
-            )
-            # Stop the execution: disconnect from Ray, so that its thread ends (quietly, and
-            # without Ray's auto-init starting another Ray) before the process does.
-            os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-            ray.shutdown()
-            thread.join(timeout=5)  # a daemon: if it has not ended, it ends with the process
-            raise RunError(message)
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+            with lock:
+                if finished.is_set():
+                    return
+                stalled["message"] = (
+                    f"no progress for {stall_timeout:g} s (--stall-timeout) after {max(last, 0)} "
+                    f"rows read or predicted: waiting for Ray to schedule the rest, with {nodes} of "
+                    f"{nodes_at_start} nodes alive and {free.get('CPU', 0):g} of "
+                    f"{total.get('CPU', 0):g} CPUs free; nothing was committed"
+                )
+                _thread.interrupt_main()
+            return
+
+    watcher = threading.Thread(target=watch, name="stall-watchdog", daemon=True)
+    watcher.start()
+    try:
+        value = work()
+        with lock:
+            finished.set()
+        while "message" in stalled:  # the interrupt is on its way: take it here
+            time.sleep(0.01)
+        return value
+    except KeyboardInterrupt:
+        if "message" not in stalled:
+            raise  # the user's own Ctrl+C
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        raise RunError(stalled["message"]) from None
+    finally:
+        finished.set()
+        watcher.join()
 
 
 def run(config: RunConfig, plan: Plan | None = None) -> Summary:

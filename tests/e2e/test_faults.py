@@ -177,4 +177,7 @@ def test_a_run_without_progress_fails_in_one_line_and_commits_nothing(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert re.match(r"error: run failed: no progress for 2 s \(--stall-timeout\) after \d+ rows", last), last
     assert "1 of 1 nodes alive" in last and last.endswith("nothing was committed")
+    # The stopped execution never starts a Ray of its own after ours is shut down (it did, from
+    # a thread left running, and could then crash at exit with a backtrace after this line).
+    assert proc.stderr.count("Started a local Ray instance") <= 1, proc.stderr[-2000:]
     assert not list(out.glob("*.parquet")) and not (out / "_lock.json").exists()
