@@ -211,6 +211,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
 
 def config_from_args(args: argparse.Namespace):
     from pipeline.config import (
+        DEFAULT_MAX_PIXELS,
         ComputeConfig,
         ModelConfig,
         RunConfig,
@@ -218,7 +219,6 @@ def config_from_args(args: argparse.Namespace):
         SourceConfig,
         parse_actors,
     )
-    from pipeline.decode import DEFAULT_MAX_PIXELS
 
     return RunConfig(
         source=SourceConfig(

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.config import TASKS
+from pipeline.errors import BadInputError
+
 if TYPE_CHECKING:  # pyarrow is imported where a schema is built: the GPU bench runs without it
     import pyarrow as pa
 
@@ -36,8 +39,6 @@ STATUS_ERROR = "error"
 BYTES = "bytes"
 IMAGE = "image"
 
-TASKS = ("classify", "features", "both")
-
 
 def wants_classes(task: str) -> bool:
     return task in ("classify", "both")
@@ -58,7 +59,7 @@ def output_schema(task: str, embedding_dim: int, metadata: dict[str, str] | None
     import pyarrow as pa
 
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise BadInputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     fields = [
         pa.field(ID, pa.string(), nullable=False),
         pa.field(SOURCE, pa.string(), nullable=False),

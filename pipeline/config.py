@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.columns import TASKS
-from pipeline.decode import DEFAULT_MAX_PIXELS
-from pipeline.models import MODELS
-from pipeline.predict import DECODERS, PRECISIONS
-from pipeline.sources import FORMATS
+from pipeline.errors import BadInputError
 from pipeline.storage import canonical_uri, overlap
 
+# The allowed values, defined here once; the stages import them. (Input formats are the
+# sources' registry's names: a new format is a new module there, not a line here.)
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+TASKS = ("classify", "features", "both")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Where images are decoded: "cpu", in the CPU decode tasks before the actors; "gpu", in the
+# model actor on its device (nvJPEG on CUDA; torchvision's CPU decoder on a CPU actor).
+DECODERS = ("cpu", "gpu")
+# Pillow's own default decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
+DEFAULT_MAX_PIXELS = 89_478_485
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInputError):
     """A bad argument: reported as one line, before any work starts."""
 
 
@@ -36,7 +43,7 @@ class SourceConfig:
     def __post_init__(self):
         _require(bool(self.input), "--input is required")
         object.__setattr__(self, "input", canonical_uri(self.input))
-        _choice("format", self.format, FORMATS)
+        _require(bool(self.format), "--format must not be empty")
         _require(self.max_pixels > 0, f"--max-pixels must be positive, got {self.max_pixels}")
 
 

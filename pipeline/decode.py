@@ -20,8 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-# Pillow's own default decompression-bomb limit (Image.MAX_IMAGE_PIXELS).
-DEFAULT_MAX_PIXELS = 89_478_485
+from pipeline.config import DEFAULT_MAX_PIXELS
 
 # Extensions of the image files read from folders and picked out of WebDataset samples.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -36,12 +36,12 @@ from pipeline import run as runner
 from pipeline import sinks, sources
 from pipeline.commit import Journal, Lease, Root, commit, recover
 from pipeline.config import ConfigError, RunConfig
+from pipeline.errors import EXIT_OVER_ERROR_BUDGET
 from pipeline.storage import redact
 
 LEDGER = "_state/ledger.json"
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
-EXIT_OVER_BUDGET = 3
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) 
     base = dict(partition=partition, run_id=run_id, inputs=len(todo), rows=rows, errors=errors)
     if over:
         return NightlyResult(
-            EXIT_OVER_BUDGET,
+            EXIT_OVER_ERROR_BUDGET,
             f"{errors} of {rows} images are errors ({errors / rows:.1%}), above --max-error-fraction "
             f"{max_error_fraction:g}: rows written, {partition}/{SUCCESS} not written",
             **base,

@@ -18,10 +18,11 @@ import torch
 from torchvision import models as tvm
 from torchvision.transforms._presets import ImageClassification
 
+from pipeline.config import MODELS
+from pipeline.errors import BadInputError
 from pipeline.storage import redact
 
 # The seed's family: BasicBlock for 18/34, Bottleneck (expansion 4) for 50/101/152.
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Preprocessing for checkpoints, which carry none: torchvision's ImageNet evaluation
 # preset (shorter side to 256, bilinear with antialias, center crop 224, ImageNet mean/std).
@@ -32,7 +33,7 @@ CHECKPOINT_CROP = 224
 RANDOM_SEED = 0
 
 
-class WeightsError(ValueError):
+class WeightsError(BadInputError):
     """The weights argument cannot be turned into a state_dict for the model."""
 
 
@@ -63,7 +64,7 @@ class ResolvedWeights:
 
 def check_model_name(name: str) -> None:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise BadInputError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 def build(name: str, num_classes: int = 1000) -> torch.nn.Module:

@@ -21,12 +21,10 @@ from torchvision.transforms import functional as TF
 
 from pipeline import columns as C
 from pipeline import efficiency, models
-from pipeline.decode import DEFAULT_MAX_PIXELS, Preprocess, decode_jpeg_batch, text_or_none
+from pipeline.config import DEFAULT_MAX_PIXELS, PRECISIONS
+from pipeline.decode import Preprocess, decode_jpeg_batch, text_or_none
+from pipeline.errors import BadInputError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Where images are decoded: "cpu", in the CPU decode tasks before the actors; "gpu", in the
-# model actor on its device (nvJPEG on CUDA; torchvision's CPU decoder on a CPU actor).
-DECODERS = ("cpu", "gpu")
 if TYPE_CHECKING:  # pyarrow is imported in __call__: the GPU bench drives forward() without it
     import pyarrow as pa
 
@@ -108,7 +106,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise BadInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         # fp32 keeps CPU results equal to torchvision's. On GPUs fp16, torch.autocast's own
         # default there: on an H100 it ran ResNet-50 as fast as bf16 (11.8k against 12.2k
@@ -187,7 +185,7 @@ class Predictor:
         else:
             self.model_mode = model_mode or default_model_mode(self.device, self.precision, spec.compile)
             if self.model_mode not in MODEL_MODES:
-                raise ValueError(f"unknown model mode {self.model_mode!r}; choose one of {MODEL_MODES}")
+                raise BadInputError(f"unknown model mode {self.model_mode!r}; choose one of {MODEL_MODES}")
         model = model.eval()
         if self.model_mode in ("fold", "fold-cast"):
             model = fuse(model)

@@ -27,6 +27,7 @@ from pipeline import columns as C
 from pipeline import commit, efficiency, models, sinks, sources
 from pipeline.config import ConfigError, RunConfig
 from pipeline.decode import Preprocess, decode_batch
+from pipeline.errors import RunFailedError
 from pipeline.predict import Predictor, PredictorSpec, cpu_threads, pick_device, resolve_precision
 from pipeline.storage import redact
 
@@ -359,7 +360,7 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-class RunError(RuntimeError):
+class RunError(RunFailedError):
     """The run finished but its output is not what it read: nothing may say it succeeded."""
 
 

@@ -17,13 +17,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import columns as C
+from pipeline.errors import BadInputError
 from pipeline.storage import is_hidden, redact_all, url_to_fs
 
 COMPRESSION = "zstd"
 METADATA_PREFIX = "pipeline."
 
 
-class OutputError(ValueError):
+class OutputError(BadInputError):
     """The output location is not usable (exists and is not empty, not writable)."""
 
 

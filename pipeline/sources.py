@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline import columns as C
 from pipeline.decode import IMAGE_EXTENSIONS
+from pipeline.errors import BadInputError
 from pipeline.storage import is_hidden, redact, url_to_fs
 
 FORMATS = ("auto", "images", "webdataset", "parquet")
@@ -51,7 +52,7 @@ READ_SCHEMA = pa.schema(
 log = logging.getLogger(__name__)
 
 
-class InputError(ValueError):
+class InputError(BadInputError):
     """The input cannot be listed, is empty, or is of an unknown format."""
 
 
