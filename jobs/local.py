@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import models  # noqa: E402
 from pipeline.cli import main  # noqa: E402
+from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.samples import make_samples  # noqa: E402
 
 EXAMPLES = 3
@@ -26,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", default="data/samples", help="sample image folder (made if absent)")
     p.add_argument("--output", default="out/local", help="output folder (replaced on each run)")
-    p.add_argument("--model", default="resnet50")
+    p.add_argument("--model", default=ModelConfig.name, help=f"(default: {ModelConfig.name})")
     return p
 
 

@@ -1,7 +1,9 @@
 """Argument parsing only; ``python -m pipeline`` lands here.
 
-Bad arguments, inputs, weights or outputs end with one line on stderr and exit code 2,
-before Ray starts or any model is built.
+The flags and the config file's keys are generated from the dataclasses of
+``pipeline.config``, which hold each setting's one default. Bad arguments, inputs, weights
+or outputs end with one line on stderr and exit code 2, before Ray starts or any model is
+built; the exit code comes from the error's type (``pipeline.errors``).
 """
 
 from __future__ import annotations
@@ -13,91 +15,33 @@ from collections.abc import Sequence
 from datetime import date
 
 from pipeline import __version__
-from pipeline.storage import redact, storage_options
+from pipeline.config import NIGHTLY_GROUPS, RUN_GROUPS, StorageConfig, settings
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, PipelineError
+from pipeline.storage import redact
 
-EXIT_BAD_INPUT = 2
-EXIT_RUN_FAILED = 1
 
+def add_arguments(p: argparse.ArgumentParser, groups=RUN_GROUPS) -> argparse.ArgumentParser:
+    """One flag per field of the config dataclasses in ``groups``; the jobs take the same ones.
 
-def add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of ``pipeline run``; the jobs in jobs/ take the same ones."""
-    io = p.add_argument_group("input and output")
-    io.add_argument("--input", help="folder, file, glob or brace pattern; a local path or any fsspec URI")
-    io.add_argument("--output", help="folder URI for the Parquet files")
-    io.add_argument("--format", default="auto", help="auto | images | webdataset | parquet (default: auto)")
-    io.add_argument(
-        "--image-column", default="image", help="Parquet input: image bytes column (default: image)"
+    Flags default to absent (``argparse.SUPPRESS``): the dataclass's default applies, so
+    it is written in one place, and ``parse_args`` can tell a given flag from a default.
+    """
+    titled: dict[str, argparse._ArgumentGroup] = {}
+    for title, cls, _ in groups:
+        group = titled.setdefault(title, p.add_argument_group(title))
+        for s in settings(cls):
+            shown = f"{s.default:g}" if isinstance(s.default, float) else s.default
+            if isinstance(s.default, tuple):
+                shown = ",".join(map(str, s.default))
+            help = s.help if s.default in (None, False, "") else f"{s.help} (default: {shown})"
+            if s.type is bool:
+                group.add_argument(s.flag, action="store_true", default=argparse.SUPPRESS, help=help)
+            else:
+                kind = s.type if s.type in (int, float) else str
+                group.add_argument(s.flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=s.metavar)
+    p.add_argument(
+        "--config", default=argparse.SUPPRESS, help="YAML or TOML file of these options; flags override it"
     )
-    io.add_argument(
-        "--id-column",
-        default="id",
-        help="Parquet input: id column (default: id; absent: <file>#<row>)",
-    )
-    io.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="larger images become error rows (default: Pillow's 89478485)",
-    )
-    io.add_argument(
-        "--rows-per-file", type=int, default=100_000, help="rows per output file (default: 100000)"
-    )
-    io.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    io.add_argument(
-        "--s3-endpoint-url",
-        help="S3-compatible endpoint (MinIO, Ceph, R2); default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL",
-    )
-    io.add_argument("--s3-anonymous", action="store_true", help="read public buckets without credentials")
-
-    m = p.add_argument_group("model")
-    m.add_argument("--task", default="both", help="classify | features | both (default: both)")
-    m.add_argument(
-        "--model", default="resnet50", help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152"
-    )
-    m.add_argument(
-        "--weights",
-        default="DEFAULT",
-        help="torchvision weights name (ResNet50_Weights.IMAGENET1K_V2, IMAGENET1K_V1, DEFAULT), "
-        "a checkpoint path or URI, or 'none' for seeded random weights (default: DEFAULT)",
-    )
-    m.add_argument("--labels", help="class names, one per line (checkpoints with other than 1000 classes)")
-    m.add_argument("--top-k", type=int, default=5, help="classes per image for classify (default: 5)")
-    m.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
-    m.add_argument("--resize-size", type=int, help="override the resize of the shorter side")
-    m.add_argument("--crop-size", type=int, help="override the center crop")
-    m.add_argument(
-        "--precision",
-        default="auto",
-        help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, fp16 on GPU)",
-    )
-
-    c = p.add_argument_group("compute")
-    c.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
-    c.add_argument("--actors", default="1", help="model actors, MIN[,MAX] to autoscale (default: 1)")
-    c.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="0 on CPU; 1 or a fraction on GPU")
-    c.add_argument(
-        "--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)"
-    )
-    c.add_argument("--compile", action="store_true", help="torch.compile the model in each actor (GPU)")
-    c.add_argument(
-        "--decode",
-        default="cpu",
-        help="cpu: decode in CPU tasks | gpu: decode JPEGs in the model actor with nvJPEG (default: cpu)",
-    )
-    c.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=300.0,
-        help="seconds without a batch read or predicted before the run fails instead of "
-        "waiting (a lost node, say) (default: 300)",
-    )
-    c.add_argument(
-        "--threads-per-actor",
-        type=int,
-        help="torch threads on CPU (default: the node's cores / actors)",
-    )
-
-    p.add_argument("--config", help="YAML or TOML file of these options; flags override it")
     return p
 
 
@@ -108,18 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    parser.run_parser = add_run_arguments(sub.add_parser("run", help="run the pipeline"))
-    nightly = add_run_arguments(
-        sub.add_parser("nightly", help="incremental run: only new or changed inputs, into ROOT/dt=<date>/")
+    add_arguments(sub.add_parser("run", help="run the pipeline"), RUN_GROUPS)
+    add_arguments(
+        sub.add_parser("nightly", help="incremental run: only new or changed inputs, into ROOT/dt=<date>/"),
+        NIGHTLY_GROUPS,
     )
-    nightly.add_argument("--date", help="partition date YYYY-MM-DD (default: today, UTC)")
-    nightly.add_argument(
-        "--max-error-fraction",
-        type=float,
-        default=0.01,
-        help="above this share of broken images: exit non-zero, no _SUCCESS (default: 0.01)",
-    )
-    parser.nightly_parser = nightly
     rec = sub.add_parser(
         "recover", help="finish or undo what a killed run left in an output (its next run does this too)"
     )
@@ -132,7 +69,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config_file(path: str, parser: argparse.ArgumentParser, storage_options: dict) -> dict:
+def _groups(command: str):
+    return NIGHTLY_GROUPS if command == "nightly" else RUN_GROUPS
+
+
+def load_config_file(path: str, command: str, storage_options: dict) -> dict:
     """Reads a YAML or TOML options file (any fsspec URI); keys are flag names, with - or _."""
     from pipeline.config import ConfigError
     from pipeline.storage import open_file
@@ -157,101 +98,46 @@ def load_config_file(path: str, parser: argparse.ArgumentParser, storage_options
         raise ConfigError(f"cannot parse config file {path}: {e}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of options")
-    actions = {a.dest: a for a in parser._actions}
+    known = {s.dest: s for _, cls, _ in _groups(command) for s in settings(cls)}
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
-        if dest not in actions or dest in ("config", "help"):
+        if dest not in known:
             raise ConfigError(f"unknown option {key!r} in config file {path}")
-        want = _config_type_error(actions[dest], value)
+        want = known[dest].check(value)
         if want:
             raise ConfigError(f"option {key!r} in config file {path} must be {want}, got {value!r}")
-        if dest == "actors" and isinstance(value, list):
-            value = ",".join(map(str, value))
-        elif dest == "date" and isinstance(value, date):
-            value = value.isoformat()
-        out[dest] = value
+        out[dest] = value.isoformat() if isinstance(value, date) else value
     return out
 
 
-def _config_type_error(action: argparse.Action, value) -> str | None:
-    """What a config file's value must be to stand for ``action``'s flag, or None if it is.
-
-    As strict as the flag: ``overwrite = "false"`` is a string, not false.
-    """
-
-    def integer(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if isinstance(action, argparse._StoreTrueAction):
-        return None if isinstance(value, bool) else "true or false"
-    if action.type is int:
-        return None if integer(value) else "an integer"
-    if action.type is float:
-        return None if integer(value) or isinstance(value, float) else "a number"
-    if action.dest == "actors":
-        ok = integer(value) or isinstance(value, str)
-        ok = ok or (isinstance(value, list) and 1 <= len(value) <= 2 and all(map(integer, value)))
-        return None if ok else "an integer, MIN,MAX text or a list [MIN, MAX]"
-    if action.dest == "date" and isinstance(value, date):
-        return None  # YAML reads 2026-11-27 as a date
-    return None if isinstance(value, str) else "a string"
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parses twice when --config is given: the file's values become defaults, flags win."""
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        options = storage_options(args.s3_endpoint_url, args.s3_anonymous)
-        sub = parser.nightly_parser if args.command == "nightly" else parser.run_parser
-        sub.set_defaults(**load_config_file(args.config, sub, options))
-        args = parser.parse_args(argv)
-    return args
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str], defaults: dict | None = None
+) -> argparse.Namespace:
+    """Every setting of the command, from (weakest first) the dataclasses' defaults, the
+    job's ``defaults``, the ``--config`` file, then the flags given."""
+    given = parser.parse_args(argv)
+    if given.command not in ("run", "nightly"):
+        return given
+    values = {s.dest: s.default for _, cls, _ in _groups(given.command) for s in settings(cls)}
+    values.update(defaults or {})
+    if getattr(given, "config", None):
+        options = StorageConfig(
+            getattr(given, "s3_endpoint_url", None), getattr(given, "s3_anonymous", False)
+        ).options
+        values.update(load_config_file(given.config, given.command, options))
+    values.update(vars(given))
+    return argparse.Namespace(**values)
 
 
 def config_from_args(args: argparse.Namespace):
-    from pipeline.config import (
-        DEFAULT_MAX_PIXELS,
-        ComputeConfig,
-        ModelConfig,
-        RunConfig,
-        SinkConfig,
-        SourceConfig,
-        parse_actors,
-    )
+    """The ``RunConfig`` of parsed arguments: each dataclass takes its own fields."""
+    from pipeline.config import RunConfig
 
-    return RunConfig(
-        source=SourceConfig(
-            input=args.input or "",
-            format=args.format,
-            image_column=args.image_column,
-            id_column=args.id_column,
-            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        ),
-        sink=SinkConfig(output=args.output or "", rows_per_file=args.rows_per_file, overwrite=args.overwrite),
-        model=ModelConfig(
-            name=args.model,
-            weights=str(args.weights),
-            task=args.task,
-            top_k=args.top_k,
-            normalize=args.normalize,
-            labels=args.labels,
-            resize_size=args.resize_size,
-            crop_size=args.crop_size,
-            precision=args.precision,
-        ),
-        storage_options=storage_options(args.s3_endpoint_url, args.s3_anonymous),
-        compute=ComputeConfig(
-            batch_size=args.batch_size,
-            actors=parse_actors(args.actors),
-            num_gpus_per_actor=args.num_gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor,
-            threads_per_actor=args.threads_per_actor,
-            compile=args.compile,
-            decode=args.decode,
-            stall_timeout=args.stall_timeout,
-        ),
-    )
+    parts = {
+        attr: cls(**{s.name: getattr(args, s.dest) for s in settings(cls)}) for _, cls, attr in RUN_GROUPS
+    }
+    return RunConfig(**parts)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -304,12 +190,16 @@ def announce(plan) -> None:
 
 
 def guarded(work) -> int:
-    """Runs ``work``: our ValueErrors (bad input) → one line, exit 2; a failed run → exit 1."""
+    """Runs ``work``: our bad-input errors → one line, exit 2; a failed run → one line, exit 1.
+
+    The exit code is the error's (``pipeline.errors``). Anything else, and our own errors
+    raised inside a Ray task (which Ray wraps), is a failed run.
+    """
     try:
         return work()
     except Exception as e:
         from_ray = type(e).__module__.startswith("ray") or "RayTaskError" in type(e).__name__
-        if isinstance(e, ValueError) and not from_ray:
+        if isinstance(e, PipelineError) and not from_ray and e.exit_code == EXIT_BAD_INPUT:
             return fail(str(e))
         # A Ray task error's text is a traceback; its last line names the cause.
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
@@ -343,12 +233,9 @@ def main(argv: Sequence[str] | None = None, defaults: dict | None = None) -> int
     """Entry point for ``python -m pipeline`` and the jobs (which pass their own defaults)."""
     parser = get_args_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if defaults:
-        parser.run_parser.set_defaults(**defaults)
-        parser.nightly_parser.set_defaults(**defaults)
     try:
-        args = parse_args(parser, argv)
-    except ValueError as e:
+        args = parse_args(parser, argv, defaults)
+    except PipelineError as e:
         return fail(str(e))
     if args.command == "sample":
         from pipeline.samples import make_samples
@@ -371,7 +258,7 @@ def recover_command(args: argparse.Namespace) -> int:
 
     def go() -> int:
         root = commit.Root(
-            canonical_uri(args.output), storage_options(args.s3_endpoint_url, args.s3_anonymous)
+            canonical_uri(args.output), StorageConfig(args.s3_endpoint_url, args.s3_anonymous).options
         )
         with commit.Lease(root, f"recover-{new_run_id()}"):
             finished = commit.recover(root)

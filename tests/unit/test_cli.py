@@ -202,3 +202,48 @@ def test_paths_are_canonical_and_absolute_before_anything_else(tmp_path, monkeyp
         parse(["run", "--input", "s3://b/a//b/./c/../in/", "--output", "s3://b/a/out"])
     )
     assert (cfg.source.input, cfg.sink.output) == ("s3://b/a/b/in/", "s3://b/a/out")
+
+
+def test_max_pixels_zero_is_refused_not_replaced_by_the_default(images_dir, tmp_path, capsys):
+    """``--max-pixels 0`` once became Pillow's default in silence."""
+    args = ["run", "--input", images_dir, "--output", str(tmp_path / "o"), "--max-pixels", "0"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-pixels must be positive, got 0"
+
+
+def test_the_exit_code_comes_from_the_error_type_not_its_module(capsys):
+    """A pyarrow ArrowInvalid (a ValueError) in the read-back is a failed run, not bad input."""
+    import pyarrow as pa
+
+    from pipeline.errors import BadInputError, RunFailedError
+
+    def raising(e):
+        def go():
+            raise e
+
+        return go
+
+    assert cli.guarded(raising(pa.ArrowInvalid("Parquet magic bytes not found"))) == 1
+    assert capsys.readouterr().err.strip() == "error: run failed: Parquet magic bytes not found"
+    assert cli.guarded(raising(BadInputError("bad"))) == 2
+    assert cli.guarded(raising(RunFailedError("stalled"))) == 1
+    assert cli.guarded(raising(ValueError("a library's own"))) == 1
+
+
+def test_importing_the_configuration_imports_nothing_heavy():
+    code = "import sys, pipeline.config; print(sorted({'torch', 'ray', 'pyarrow'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_each_setting_has_one_default_shared_by_flags_and_config_file(tmp_path):
+    """The flags and the config file's keys are the dataclasses' fields, with their defaults."""
+    from pipeline.config import ComputeConfig, ModelConfig, SinkConfig, StorageConfig
+
+    cfg = cli.config_from_args(parse(["run", "--input", "x", "--output", "y"]))
+    assert (cfg.model, cfg.compute, cfg.storage) == (ModelConfig(), ComputeConfig(), StorageConfig())
+    assert cfg.sink.rows_per_file == SinkConfig(output="y").rows_per_file
+    (tmp_path / "c.yaml").write_text("stall-timeout: 7\ns3-anonymous: true\n")
+    argv = ["run", "--config", str(tmp_path / "c.yaml"), "--input", "x", "--output", "y"]
+    cfg = cli.config_from_args(parse(argv))
+    assert cfg.compute.stall_timeout == 7 and cfg.storage.s3_anonymous and cfg.storage_options["s3"]["anon"]
