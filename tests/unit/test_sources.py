@@ -251,3 +251,49 @@ def test_a_presigned_input_url_is_read_but_its_query_never_stored(http_dir):
     [row] = rows(list_input(url, "images"))
     assert row[C.BYTES] == GOOD["good/cat.jpg"] and row[C.ERROR] is None
     assert row[C.SOURCE] == f"http://{host}/cat.jpg?<redacted>" and "s1gnature" not in row[C.ID]
+
+
+@pytest.fixture
+def registry_restored():
+    """Formats a test registers are gone after it."""
+    from pipeline.sources import formats, unregister
+
+    before = {f.name for f in formats()}
+    yield
+    for f in formats():
+        if f.name not in before:
+            unregister(f.name)
+
+
+def test_a_new_format_is_one_module_plus_one_registry_line(tmp_path, registry_restored):
+    import io
+
+    from pipeline.samples import photo_like
+    from pipeline.sources import register
+    from tests import fake_format
+
+    register(fake_format.FORMAT)  # the one line; the rest is the module
+
+    buf = io.BytesIO()
+    photo_like(9, (64, 48)).save(buf, "JPEG")
+    (tmp_path / "cat.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "album.fake").write_text("cat.jpg\nmissing.jpg\n")
+    (tmp_path / "more.fake").write_text("cat.jpg\n")
+
+    listing = list_input(str(tmp_path))  # auto: a container format wins over loose images
+    assert listing.format == "fake" and listing.skipped == 1  # cat.jpg
+    assert [len(s.uris) for s in shards(listing)] == [1, 1]  # one shard per list
+    got = {r[C.ID]: r for r in rows(listing)}
+    assert sorted(got) == ["album.fake#cat.jpg", "album.fake#missing.jpg", "more.fake#cat.jpg"]
+    assert got["album.fake#cat.jpg"][C.BYTES] == buf.getvalue()
+    assert got["album.fake#cat.jpg"][C.SOURCE] == f"file://{tmp_path}/album.fake"
+    assert got["album.fake#missing.jpg"][C.BYTES] is None
+    assert got["album.fake#missing.jpg"][C.ERROR] == "cannot read missing.jpg: FileNotFoundError"
+    assert list_input(str(tmp_path), "images").format == "images"  # the others are untouched
+    with pytest.raises(InputError, match="choose one of auto, images, webdataset, parquet, fake$"):
+        list_input(str(tmp_path), "zip")
+
+
+def test_the_registry_is_restored_after_a_test_that_registered_a_format():
+    with pytest.raises(InputError, match="choose one of auto, images, webdataset, parquet$"):
+        list_input("/tmp", "zip")

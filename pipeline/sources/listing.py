@@ -1,0 +1,141 @@
+"""Listing (one recursive LIST per prefix, no HEAD per object), format detection, and
+grouping the listing into shards."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from pipeline.sources.base import Format, InputError, Shard, has_ext
+from pipeline.sources.registry import AUTO, formats, lookup
+from pipeline.storage import is_hidden, url_to_fs
+
+# Image files per read task for folders: enough to amortise a task, small enough to spread.
+FILES_PER_SHARD = 64
+
+
+@dataclass(frozen=True)
+class Listing:
+    format: str
+    root: str
+    files: tuple[tuple[str, int], ...]  # (uri, size)
+    skipped: int  # files under the root that are not of the format
+    versions: dict[str, str] = field(default_factory=dict, compare=False)  # uri → size:ETag|mtime
+
+    def only(self, uris: set[str]) -> Listing:
+        """The same listing restricted to ``uris`` (for incremental runs)."""
+        files = tuple(f for f in self.files if f[0] in uris)
+        return replace(self, files=files, versions={u: self.versions[u] for u, _ in files})
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset-style brace expansion: ``shard-{000..009}.tar``, ``{a,b}.tar``."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [p for opt in options for p in expand_braces(head + opt + tail)]
+
+
+def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -> Listing:
+    """Lists the input files and settles the format.
+
+    Raises:
+        InputError: nothing there, nothing of the format, or an unknown format.
+    """
+    if fmt != AUTO:
+        lookup(fmt)
+    fs, _ = url_to_fs(expand_braces(uri)[0], storage_options)
+    found: dict[str, int] = {}
+    versions: dict[str, str] = {}
+    root = None
+    # A name that exists is taken literally: "img[1].jpg" or "{a}.tar" is a file, not a pattern.
+    literal = any(ch in uri for ch in "*?[{") and _exists(fs, fs._strip_protocol(uri))
+    for pattern in [uri] if literal else expand_braces(uri):
+        path = fs._strip_protocol(pattern)
+        try:
+            if not literal and any(ch in path for ch in "*?["):
+                hits = fs.glob(path, detail=True)
+                base = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
+                entries = {p: d for p, d in hits.items() if d.get("type") != "directory"}
+            elif fs.isdir(path):
+                base = path.rstrip("/")
+                entries = fs.find(path, detail=True)
+            else:
+                info = fs.info(path)
+                base = path.rsplit("/", 1)[0]
+                entries = {path: info}
+        except FileNotFoundError:
+            raise InputError(f"input not found: {pattern}") from None
+        except PermissionError as e:
+            raise InputError(f"input not readable: {pattern} ({e})") from None
+        root = root if root is not None else base
+        for p, d in entries.items():
+            if not is_hidden(p[len(base) :] if p.startswith(base) else p.rsplit("/", 1)[-1]):
+                found[p] = int(d.get("size") or 0)
+                versions[p] = _version(d)
+    if not found:
+        raise InputError(f"input is empty: {uri}")
+
+    chosen = _detect(found, uri) if fmt == AUTO else lookup(fmt)
+    exts = chosen.extensions
+    keep = [p for p in sorted(found) if has_ext(p, exts)]
+    if not keep:
+        raise InputError(f"no {chosen.name} files ({', '.join(exts)}) under {uri}")
+    return Listing(
+        chosen.name,
+        fs.unstrip_protocol(root),
+        tuple((fs.unstrip_protocol(p), found[p]) for p in keep),
+        skipped=len(found) - len(keep),
+        versions={fs.unstrip_protocol(p): versions[p] for p in keep},
+    )
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except Exception:
+        return False
+
+
+def _version(info: dict) -> str:
+    """What tells one version of a file from the next: size plus ETag (object stores) or mtime."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{int(info.get('size') or 0)}:{str(tag).strip(chr(34))}"
+
+
+def _detect(found: dict[str, int], uri: str) -> Format:
+    """A container format (tars, Parquet) if there is exactly one among the files, else
+    loose files (images); the first registered wins among loose formats."""
+    present = [f for f in formats() if any(has_ext(p, f.extensions) for p in found)]
+    containers = [f for f in present if f.container]
+    if len(containers) > 1:
+        raise InputError(f"{uri} mixes {_nouns(containers, 'and')}; pass --format")
+    if present:
+        return (containers or present)[0]
+    raise InputError(f"no {_nouns(formats(), 'or')} under {uri}")
+
+
+def _nouns(fmts, word: str) -> str:
+    """'image files, tar shards or Parquet files'."""
+    nouns = [f.files for f in fmts]
+    return f"{', '.join(nouns[:-1])} {word} {nouns[-1]}" if len(nouns) > 1 else nouns[0]
+
+
+def shards(listing: Listing) -> list[Shard]:
+    """Groups the listing into read units: one per container file, chunks of loose files."""
+    if lookup(listing.format).container:
+        return [Shard(listing.format, listing.root, (u,), s) for u, s in listing.files]
+    out = []
+    for i in range(0, len(listing.files), FILES_PER_SHARD):
+        chunk = listing.files[i : i + FILES_PER_SHARD]
+        out.append(Shard(listing.format, listing.root, tuple(u for u, _ in chunk), sum(s for _, s in chunk)))
+    return out
