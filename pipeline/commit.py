@@ -154,9 +154,10 @@ class Root:
             return []
         return [self.rel(p) for p in self.fs.find(self.path)]
 
-    def data_files(self) -> list[str]:
-        """What a Parquet reader of the root would read (relative paths)."""
-        return sorted(n for n in self.listing() if n.endswith(".parquet") and not is_hidden(n))
+    def data_files(self, is_data=lambda n: n.endswith(".parquet") and not is_hidden(n)) -> list[str]:
+        """What a table reader of the root would read (relative paths): ``is_data`` is the
+        sink's (``Sink.is_data``)."""
+        return sorted(n for n in self.listing() if is_data(n))
 
 
 # ----------------------------------------------------------------------------- the journal

@@ -29,9 +29,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import pyarrow.parquet as pq
-
-from pipeline import columns as C
 from pipeline import run as runner
 from pipeline import sinks, sources
 from pipeline.commit import Journal, Lease, Root, commit, recover
@@ -75,23 +72,6 @@ def plan_inputs(versions: dict[str, str], ledger: dict, visible: set[str]) -> se
     return todo
 
 
-def _per_input(staged: list[str], root: Root, storage_options) -> dict[str, dict[str, list[int]]]:
-    """staged path → input URI → [rows, errors], read from the staged files themselves."""
-    from pipeline.sinks import _arrow_fs
-
-    fs = _arrow_fs(root.uri, storage_options)
-    out = {}
-    for path in staged:
-        t = pq.read_table(path, columns=[C.SOURCE, C.STATUS], filesystem=fs)
-        counts: dict[str, list[int]] = {}
-        for src, status in zip(t[C.SOURCE].to_pylist(), t[C.STATUS].to_pylist(), strict=True):
-            c = counts.setdefault(src, [0, 0])
-            c[0] += 1
-            c[1] += status != C.STATUS_OK
-        out[path] = counts
-    return out
-
-
 def manifest(partition: str, ledger: dict, plan, run_id: str) -> dict:
     """A partition's ``_manifest.json``, from the ledger entries that point into it."""
     inputs = {u: e for u, e in ledger.items() if e["partition"] == partition}
@@ -133,7 +113,8 @@ def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) 
         if recover(root):
             print("recovered the interrupted commit of an earlier run", file=sys.stderr)
         ledger = root.read_json(LEDGER, {})
-        visible = set(root.data_files())
+        sink = sinks.get()
+        visible = set(root.data_files(sink.is_data))
         # The ledger is keyed by the inputs' URIs as the `source` column holds them: redacted.
         real = {redact(u): u for u in listing.versions}
         versions = {key: listing.versions[u] for key, u in real.items()}
@@ -147,7 +128,7 @@ def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) 
         ex = runner.execute(plan, sinks.staging_dir(root.uri, run_id))
         lease.check()
 
-        counts = _per_input(ex.staged, root, so)
+        counts = sink.rows_per_source(ex.staged, root.uri, so)
         moves = {p: f"{partition}/{posixpath.basename(p)}" for p in ex.staged}
         old_files = sorted({f for u in todo for f in ledger.get(u, {}).get("files", [])})
         new_ledger = {

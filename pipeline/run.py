@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import posixpath
-import re
 import sys
 import threading
 import time
@@ -85,16 +84,24 @@ class Summary:
             out += efficiency.lines(self.efficiency)
         else:
             out += [f"stage     {name}: {secs:.1f} s" for name, secs in self.stages.items()]
-        out += [f"weights   {self.weights}", f"output    {self.output} ({len(self.files)} Parquet files)"]
+        out += [f"weights   {self.weights}", f"output    {self.output} ({len(self.files)} files)"]
         if self.report:
             out.append(f"report    {self.report}")
         return out
 
 
-def stage_times(stats: str) -> dict[str, float]:
-    """Wall time per operator from ``Dataset.stats()`` (its "Operator N name: ... in Xs" lines)."""
-    found = re.findall(r"^Operator \d+ (.+?): .*? in ([\d.]+)s\s*$", stats, flags=re.MULTILINE)
-    return {name: float(secs) for name, secs in found}
+def stage_times(summary) -> dict[str, float]:
+    """Wall seconds per Ray Data operator, from its structured stats (``Dataset.get_stats_summary``)."""
+    out: dict[str, float] = {}
+
+    def walk(s) -> None:
+        for parent in s.parents:
+            walk(parent)
+        for op in s.operators_stats:
+            out[op.operator_name] = round(op.time_total_s, 3)
+
+    walk(summary)
+    return out
 
 
 def prepare(config: RunConfig, listing: sources.Listing | None = None, check_output: bool = True) -> Plan:
@@ -398,7 +405,7 @@ def execute(plan: Plan, staging: str) -> Execution:
         slots = cpu_actor_slots(config)
         ds = build(plan, stats, slots)
         staged = _watched(
-            lambda: sinks.write_staged(
+            lambda: sinks.get().write_staged(
                 ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options, stats
             ),
             stats,
@@ -415,7 +422,7 @@ def execute(plan: Plan, staging: str) -> Execution:
         snapshot = ray.get(stats.snapshot.remote())
         cpus = ray.cluster_resources().get("CPU", 0)
         report = efficiency.report(snapshot, run_start, run_end, cpus)
-        return Execution(staged.files, seconds, stage_times(ds.stats()), staged.rows, report)
+        return Execution(staged.files, seconds, stage_times(ds.get_stats_summary()), staged.rows, report)
     finally:
         if slots is not None and ray.is_initialized():
             from ray.util.placement_group import remove_placement_group
@@ -503,7 +510,7 @@ def run(config: RunConfig, plan: Plan | None = None) -> Summary:
         old = [n for n in root.listing() if not commit.is_commit_file(n)] if sink.overwrite else []
         moves = [(root.rel(p), posixpath.basename(p)) for p in ex.staged]
         commit.commit(root, commit.Journal(run_id, deletes=old, moves=moves))
-        written = sinks.read_back(sink.output, so)
+        written = sinks.get().read_back(sink.output, so)
         check_rows(ex.rows, written.rows, sink.output)
         summary = Summary(
             input_files=len(plan.listing.files),

@@ -67,6 +67,14 @@ def url_to_fs(uri: str, options: dict | None = None):
     return fsspec.core.url_to_fs(uri, **options_for(uri, options))
 
 
+def arrow_fs(uri: str, options: dict | None = None):
+    """The fsspec file system behind ``uri``, wrapped for pyarrow (and so for Ray)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = url_to_fs(uri, options)
+    return PyFileSystem(FSSpecHandler(fs))
+
+
 def open_file(uri: str, mode: str = "rb", options: dict | None = None):
     import fsspec
 
