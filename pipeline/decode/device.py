@@ -1,221 +1,25 @@
-"""Stage 2: image bytes → uint8 RGB array at the model's input size, or an error reason.
+"""The device decoder (``--decode gpu``): JPEG bytes → uint8 RGB at the crop size, on the model's device.
 
-Plain Python (no Ray import), so it is unit-testable and usable from a plain loop.
+torchvision's batched ``decode_jpeg`` (nvJPEG on CUDA), then what makes its crops match
+the CPU decoder's (Pillow): libjpeg-turbo's chroma upsampling redone after nvJPEG
+(``refine_chroma``), EXIF orientation turned on the device (``exif_orient``), and
+Pillow's two-pass resize (``_resize_like_pil``). What it does not take goes to the CPU
+decoder (``decode``), which gives broken files their reason.
 
-The uint8 output is exactly what torchvision's ``ImageClassification`` preset holds
-between ``center_crop`` and ``convert_image_dtype`` when it is given a PIL image:
-resize and crop run here on the CPU, the float conversion and normalisation run on the
-model's device (see ``predict.py``). Splitting there keeps the array sent between
-stages 4× smaller than float32 and leaves the numbers identical to torchvision's.
+No Ray; torch and torchvision are imported inside the functions, so importing this module
+costs the CPU decode stage nothing.
 """
 
 from __future__ import annotations
 
 import functools
-import io
-import warnings
-from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.config import DEFAULT_MAX_PIXELS
-
-# Extensions of the image files read from folders and picked out of WebDataset samples.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-class DecodeError(Exception):
-    """An image that cannot become a model input; its message is the row's error reason."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize/crop geometry of a torchvision ``ImageClassification`` preset.
-
-    ``mean``/``std`` are not here: they stay in the preset object and are applied on
-    the model's device.
-    """
-
-    resize_size: int
-    crop_size: int
-    interpolation: str = "bilinear"
-    antialias: bool = True
-
-    @classmethod
-    def from_transforms(cls, transforms) -> Preprocess:
-        """Reads the geometry out of a torchvision ``ImageClassification`` preset."""
-        resize = transforms.resize_size
-        crop = transforms.crop_size
-        return cls(
-            resize_size=int(resize[0] if isinstance(resize, (list, tuple)) else resize),
-            crop_size=int(crop[0] if isinstance(crop, (list, tuple)) else crop),
-            interpolation=transforms.interpolation.value,
-            antialias=bool(transforms.antialias),
-        )
-
-
-def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) after torchvision's resize of the shorter side to ``size``."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def size_error(width: int, height: int, max_pixels: int, spec: Preprocess | None = None) -> str | None:
-    """Why an image of this size is refused, or None.
-
-    ``max_pixels`` bounds the image as stored and, given ``spec``, after the preset's resize:
-    a strip of a few thousand pixels (4000x2) grows to hundreds of millions when its
-    shorter side is scaled up to 256.
-    """
-    if width < 1 or height < 1:
-        return f"image has no pixels ({width}x{height})"
-    if width * height > max_pixels:
-        return f"image has {width}x{height}={width * height} pixels, above the limit of {max_pixels}"
-    if spec is not None:
-        rw, rh = resized_size(width, height, spec.resize_size)
-        if rw * rh > max_pixels:
-            return (
-                f"image of {width}x{height} would be {rw}x{rh}={rw * rh} pixels once resized, "
-                f"above the limit of {max_pixels}"
-            )
-    return None
-
-
-def open_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Preprocess | None = None):
-    """Opens image bytes lazily (Pillow reads the header only) and checks the size.
-
-    ``max_pixels`` is the only limit: Pillow's own decompression-bomb limit is raised to
-    it when it is larger, never lowered.
-
-    Raises:
-        DecodeError: empty or unrecognised data, or too many pixels (``size_error``).
-    """
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            # The pixel limit is enforced here, against our own setting.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:
-        raise DecodeError("not a recognised image format") from None
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"image too large: {e}") from None
-    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, EOFError...
-        raise DecodeError(_short(e)) from None
-    reason = size_error(*img.size, max_pixels, spec)
-    if reason:
-        raise DecodeError(reason)
-    return img
-
-
-def open_rgb(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, spec: Preprocess | None = None
-) -> Image.Image:
-    """Decodes image bytes to an RGB PIL image with EXIF orientation applied.
-
-    Raises:
-        DecodeError: empty, truncated or unrecognised data, or too many pixels, as stored or,
-            given ``spec``, once resized.
-    """
-    img = open_header(data, max_pixels, spec)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()  # Forces the full decode: a truncated file fails here, not later.
-            img = ImageOps.exif_transpose(img)
-    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, EOFError...
-        raise DecodeError(_short(e)) from None
-    return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Converts any Pillow mode to 8-bit RGB; wide integer and float modes are scaled."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # Pillow's convert() clips these to 0..255; scale them into 8 bits instead.
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            top = 1.0 if arr.size and float(arr.max()) <= 1.0 else 255.0
-        elif img.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255):
-            top = 65535.0
-        else:
-            top = 255.0
-        arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # Avoids Pillow's warning; alpha is then dropped.
-    return img.convert("RGB")
-
-
-def preprocess(img: Image.Image, spec: Preprocess) -> np.ndarray:
-    """Resizes the shorter side and center-crops with torchvision, as its preset does.
-
-    Returns:
-        uint8 array of shape (crop, crop, 3).
-    """
-    return np.asarray(resize_crop(img, spec), dtype=np.uint8)
-
-
-def decode(data: bytes, spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """bytes → uint8 (crop, crop, 3). Raises DecodeError with a short reason."""
-    img = open_rgb(data, max_pixels, spec)
-    try:
-        return preprocess(img, spec)
-    except Exception as e:
-        raise DecodeError(_short(e)) from None
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text[:200]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], spec: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> dict[str, np.ndarray]:
-    """The decode stage over a batch of (id, source, bytes, error) rows.
-
-    This is the one place that catches per image: whatever goes wrong with one image
-    becomes its row's ``error``; the row is never dropped.
-
-    Returns:
-        id, source, error and image (uint8 (N, crop, crop, 3); zeros on error rows). The
-        model actor sets each row's status from its error.
-    """
-    from pipeline import columns as C
-
-    n = len(batch[C.ID])
-    images = np.zeros((n, spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
-    errors = np.asarray(text_or_none(batch[C.ERROR]), dtype=object)
-    for i, data in enumerate(batch[C.BYTES]):
-        if errors[i] is not None:
-            continue  # the reader already said why there are no bytes
-        try:
-            images[i] = decode(data, spec, max_pixels)
-        except DecodeError as e:
-            errors[i] = str(e)
-    return {
-        C.ID: batch[C.ID],
-        C.SOURCE: batch[C.SOURCE],
-        C.ERROR: errors,
-        C.IMAGE: images,
-    }
-
-
-def text_or_none(values) -> list[str | None]:
-    """A nullable string column as Python values.
-
-    Ray hands an all-null string column to numpy UDFs as float NaNs, not Nones.
-    """
-    return [v if isinstance(v, str) else None for v in values]
+from pipeline.decode.cpu import decode
+from pipeline.decode.geometry import DecodeError, Preprocess, open_header, torchvision_resize_crop
 
 
 def decode_jpeg_batch(
@@ -455,19 +259,11 @@ def _device_decode(datas: list[bytes], device) -> list:
 def resize_crop(img, spec: Preprocess):
     """The preset's resize of the shorter side and center crop: a PIL image, or a uint8 tensor
     (C, H, W) or (N, C, H, W)."""
-    from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
     if isinstance(img, Image.Image) or not _pil_like(spec):
-        img = F.resize(
-            img,
-            [spec.resize_size],
-            interpolation=InterpolationMode(spec.interpolation),
-            antialias=spec.antialias,
-        )
-    else:
-        img = _resize_like_pil(img, spec)
-    return F.center_crop(img, [spec.crop_size])
+        return torchvision_resize_crop(img, spec)
+    return F.center_crop(_resize_like_pil(img, spec), [spec.crop_size])
 
 
 def _pil_like(spec: Preprocess) -> bool:
