@@ -39,12 +39,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# The repository root for ``pipeline``; this folder for ``fidelity`` (runpy.run_path, as the
+# smoke test runs this script, does not put it on sys.path as ``python bench/gpu.py`` does).
+sys.path[:0] = [ROOT, HERE]
+
+import fidelity  # noqa: E402
 
 from pipeline import columns as C  # noqa: E402
 from pipeline import decode as decode_module  # noqa: E402
-from pipeline import fidelity, models  # noqa: E402
+from pipeline import models  # noqa: E402
 from pipeline.decode import Preprocess, decode, decode_jpeg_batch  # noqa: E402
 from pipeline.predict import Predictor, PredictorSpec  # noqa: E402
 from pipeline.samples import photo_like  # noqa: E402

@@ -9,6 +9,7 @@ features to one Parquet file.
 import argparse
 import glob
 import os
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +17,10 @@ import torch
 from PIL import Image
 from torchvision import models
 from torchvision.transforms._presets import ImageClassification
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.models import SplitClassifier  # noqa: E402  (the fc head split off, as everywhere)
 
 
 def main() -> None:
@@ -28,8 +33,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(os.cpu_count())
-    model = models.get_model(args.model, weights=None).eval()
-    model.fc = torch.nn.Identity()
+    model = SplitClassifier(models.get_model(args.model, weights=None)).eval()
     preprocess = ImageClassification(crop_size=224, resize_size=256)
     paths = sorted(glob.glob(os.path.join(args.input, "*.jpg")))
     ids, feats = [], []
@@ -40,7 +44,7 @@ def main() -> None:
         for i in range(0, len(paths), args.batch_size):
             batch = paths[i : i + args.batch_size]
             x = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in batch])
-            feats.append(model(x).float())
+            feats.append(model.features(x).float())
             ids += [os.path.basename(path) for path in batch]
     emb = torch.cat(feats).numpy()
     table = pa.table(

@@ -5,12 +5,15 @@ Other teams code against these names and types; change them only with a version 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from pipeline.config import TASKS
 from pipeline.errors import BadInputError
 
-if TYPE_CHECKING:  # pyarrow is imported where a schema is built: the GPU bench runs without it
+if TYPE_CHECKING:  # pyarrow is imported where a schema or table is built: the GPU bench runs without it
     import pyarrow as pa
 
 # Columns every row has.
@@ -82,3 +85,83 @@ def output_schema(task: str, embedding_dim: int, metadata: dict[str, str] | None
         pa.field(WEIGHTS, pa.string(), nullable=False),
     ]
     return pa.schema(fields, metadata=metadata)
+
+
+def to_table(
+    task: str,
+    ids: Sequence[str],
+    sources: Sequence[str],
+    errors: Sequence[str | None],
+    *,
+    model: str,
+    weights: str,
+    topk_index: np.ndarray | None = None,
+    topk_score: np.ndarray | None = None,
+    categories: Sequence[str] | None = None,
+    embeddings: np.ndarray | None = None,
+    schema: pa.Schema | None = None,
+) -> pa.Table:
+    """One batch's predictions as rows of the output contract.
+
+    Args:
+        task: one of ``TASKS``; it decides which of the arrays below are needed.
+        ids, sources: one per row.
+        errors: one per row; None for a good row. An error row gets status "error" and
+            nulls in every prediction column.
+        model, weights: the ``model`` and ``weights`` columns, the same on every row.
+        topk_index, topk_score: (good rows, k), best first (classify, both).
+        categories: class index → name (classify, both).
+        embeddings: (good rows, D) float32, already normalized if asked (features, both).
+        schema: ``output_schema(task, D, metadata)``; built without metadata when None.
+
+    The prediction arrays hold the good rows only, in batch order; with none, pass
+    (0, k) and (0, D) arrays: k and D still shape the (null) lists.
+    """
+    import pyarrow as pa
+
+    n = len(ids)
+    if len(errors) != n or len(sources) != n:
+        raise ValueError(f"{n} ids, {len(sources)} sources and {len(errors)} errors")
+    ok = np.array([e is None for e in errors], dtype=bool)
+    classes, feats = wants_classes(task), wants_features(task)
+    if schema is None:
+        schema = output_schema(task, embeddings.shape[1] if feats and embeddings is not None else 0)
+    cols: dict[str, pa.Array] = {
+        ID: pa.array(ids, pa.string()),
+        SOURCE: pa.array(sources, pa.string()),
+        STATUS: pa.array(np.where(ok, STATUS_OK, STATUS_ERROR), pa.string()),
+        ERROR: pa.array(errors, pa.string()),
+    }
+    missing = pa.array(~ok)  # null mask for error rows
+    if classes:
+        if topk_index is None or topk_score is None or categories is None:
+            raise ValueError(f"task {task!r} needs topk_index, topk_score and categories")
+        idx = _fill(ok, topk_index, np.int32)
+        score = _fill(ok, topk_score, np.float32)
+        k = idx.shape[1]
+        offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+        names = np.asarray(categories, dtype=object)[idx.reshape(-1)]
+        cols[CLASS_INDEX] = pa.array(idx[:, 0], mask=~ok)
+        cols[CLASS_NAME] = pa.array(names[::k], pa.string(), mask=~ok)
+        cols[SCORE] = pa.array(score[:, 0], mask=~ok)
+        cols[TOPK_INDEX] = pa.ListArray.from_arrays(offsets, idx.reshape(-1), mask=missing)
+        cols[TOPK_NAME] = pa.ListArray.from_arrays(offsets, pa.array(names, pa.string()), mask=missing)
+        cols[TOPK_SCORE] = pa.ListArray.from_arrays(offsets, score.reshape(-1), mask=missing)
+    if feats:
+        if embeddings is None:
+            raise ValueError(f"task {task!r} needs embeddings")
+        emb = _fill(ok, embeddings, np.float32)
+        cols[EMBEDDING] = pa.FixedSizeListArray.from_arrays(emb.reshape(-1), emb.shape[1], mask=missing)
+    cols[MODEL] = pa.array([model] * n, pa.string())
+    cols[WEIGHTS] = pa.array([weights] * n, pa.string())
+    return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+
+def _fill(ok: np.ndarray, good: np.ndarray, dtype) -> np.ndarray:
+    """(good rows, width) → (rows, width), zeros on error rows (nulls once masked)."""
+    good = np.asarray(good)
+    if good.ndim != 2 or len(good) != int(ok.sum()):
+        raise ValueError(f"expected ({int(ok.sum())} good rows, width), got shape {good.shape}")
+    out = np.zeros((len(ok), good.shape[1]), dtype=dtype)
+    out[ok] = good
+    return out

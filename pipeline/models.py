@@ -88,6 +88,50 @@ def load(name: str, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     return model
 
 
+class SplitClassifier(torch.nn.Module):
+    """A torchvision ResNet split where its pooled features meet its classifier.
+
+    In the spirit of timm's ``forward_features``/``forward_head``, the rest of the pipeline
+    sees only this:
+
+    - ``features(x)``: float (N, 3, H, W) → the pooled features (N, ``num_features``);
+    - ``head(features)``: → logits (N, ``num_classes``);
+    - ``forward(x)``: ``(features, logits)`` from one pass (``--task both`` needs both).
+
+    It holds the ResNet's own modules under their own names, so its ``state_dict`` keys are
+    torchvision's (a checkpoint loads into either), and its ``forward`` traces with torch.fx
+    (the Predictor folds BatchNorm that way). Another architecture needs its own
+    ``features`` and ``head`` here, and nothing elsewhere.
+    """
+
+    def __init__(self, model: tvm.ResNet):
+        super().__init__()
+        if not isinstance(model, tvm.ResNet) or not isinstance(model.fc, torch.nn.Linear):
+            raise TypeError(f"SplitClassifier takes a torchvision ResNet, not {type(model).__name__}")
+        for name, module in model.named_children():
+            self.add_module(name, module)
+        self.num_features = int(model.fc.in_features)  # 512 for resnet18/34, 2048 for 50/101/152
+        self.num_classes = int(model.fc.out_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        # torchvision's ResNet._forward_impl up to its classifier.
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return features, self.head(features)
+
+
+def load_split(name: str, state_dict: dict[str, torch.Tensor]) -> SplitClassifier:
+    """``load``, split into features and head."""
+    return SplitClassifier(load(name, state_dict))
+
+
 def is_checkpoint(spec: str) -> bool:
     """A URI, a path that exists, or a file name with a checkpoint extension."""
     return (

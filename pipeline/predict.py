@@ -21,11 +21,11 @@ from torchvision.transforms import functional as TF
 
 from pipeline import columns as C
 from pipeline import efficiency, models
-from pipeline.config import DEFAULT_MAX_PIXELS, PRECISIONS
+from pipeline.config import DEFAULT_MAX_PIXELS, PRECISIONS, ComputeConfig
 from pipeline.decode import Preprocess, decode_jpeg_batch, text_or_none
 from pipeline.errors import BadInputError
 
-if TYPE_CHECKING:  # pyarrow is imported in __call__: the GPU bench drives forward() without it
+if TYPE_CHECKING:  # pyarrow is imported by C.to_table: the GPU bench drives forward() without it
     import pyarrow as pa
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,7 +70,7 @@ class PredictorSpec:
     top_k: int = 5
     normalize: bool = False
     precision: str = "auto"
-    batch_size: int = 64
+    batch_size: int = ComputeConfig.batch_size
     preprocess: Preprocess = Preprocess(resize_size=256, crop_size=224)
     decode: str = "cpu"  # "gpu": batches hold bytes, decoded here on the model's device
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -169,10 +169,8 @@ class Predictor:
             import ray
 
             state_dict = ray.get(state_dict)
-        model = models.load(spec.model, state_dict)
-        # One forward pass gives both heads: the pooled features, then fc on them.
-        self.fc = model.fc.eval().to(self.device)
-        model.fc = torch.nn.Identity()
+        # One forward pass gives both heads: the pooled features, then the classifier on them.
+        model = models.load_split(spec.model, state_dict)
         # Folding each BatchNorm into its conv (torch.fx) and channels_last memory: on 2
         # AVX2 cores ResNet-50 fp32 went from 5.9 to 9.4 images/s, with features within
         # 1e-6 (relative) of the unfolded model. See bench/README.md. Under bf16/fp16 the
@@ -192,7 +190,6 @@ class Predictor:
         cast = self.model_mode in ("cast", "fold-cast")
         if cast:
             model = model.to(dtype)
-            self.fc = self.fc.to(dtype)
         self.input_dtype = dtype if cast else torch.float32
         self.autocast_dtype = dtype if self.model_mode == "autocast" else None
         self.model = model.to(self.device, memory_format=torch.channels_last)
@@ -248,8 +245,7 @@ class Predictor:
         x = TF.normalize(TF.convert_image_dtype(x, torch.float32), self.mean, self.std).to(self.input_dtype)
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            feats = self.model(x)
-            logits = self.fc(feats)
+            feats, logits = self.model(x)
         return feats.float(), logits.float()
 
     def inputs(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray | torch.Tensor, list[str | None]]:
@@ -288,7 +284,7 @@ class Predictor:
             waited = t0 - self._idle_since if self._active == 0 and self._idle_since is not None else 0.0
             self._active += 1
         try:
-            table, t1, t2 = self._call(batch, n, t0)
+            table, t1, t2 = self._call(batch)
         finally:
             with self._lock:
                 self._active -= 1
@@ -299,9 +295,8 @@ class Predictor:
         efficiency.tell(self.stats, "model", n, start, t0, parts, self.actor_key)
         return table
 
-    def _call(self, batch: dict[str, np.ndarray], n: int, t0: float):
-        import pyarrow as pa
-
+    def _call(self, batch: dict[str, np.ndarray]) -> tuple[pa.Table, float, float]:
+        """The batch's table, and when its inputs were ready and its forward pass done."""
         images, errors = self.inputs(batch)
         t1 = time.perf_counter()
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -318,38 +313,30 @@ class Predictor:
                 ok[bad] = False
                 feats, logits = feats[finite], logits[finite]
         t2 = time.perf_counter()  # the forward pass has finished: its results are on the host
-        cols: dict[str, pa.Array] = {
-            C.ID: pa.array(batch[C.ID], pa.string()),
-            C.SOURCE: pa.array(batch[C.SOURCE], pa.string()),
-            C.STATUS: pa.array(np.where(ok, C.STATUS_OK, C.STATUS_ERROR), pa.string()),
-            C.ERROR: pa.array(errors, pa.string()),
-        }
-        missing = pa.array(~ok)  # null mask for error rows
+        topk_index = topk_score = embeddings = None
         if C.wants_classes(self.spec.task):
             k = min(self.spec.top_k, self.spec.num_classes)
-            idx = np.zeros((n, k), dtype=np.int32)
-            score = np.zeros((n, k), dtype=np.float32)
+            topk_index, topk_score = np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
             if logits is not None:
                 top = logits.softmax(dim=1).topk(k, dim=1)
-                idx[ok] = top.indices.cpu().numpy()
-                score[ok] = top.values.cpu().numpy()
-            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-            names = self.categories[idx.reshape(-1)]
-            cols[C.CLASS_INDEX] = pa.array(idx[:, 0], mask=~ok)
-            cols[C.CLASS_NAME] = pa.array(names[::k], pa.string(), mask=~ok)
-            cols[C.SCORE] = pa.array(score[:, 0], mask=~ok)
-            cols[C.TOPK_INDEX] = pa.ListArray.from_arrays(offsets, idx.reshape(-1), mask=missing)
-            cols[C.TOPK_NAME] = pa.ListArray.from_arrays(offsets, pa.array(names, pa.string()), mask=missing)
-            cols[C.TOPK_SCORE] = pa.ListArray.from_arrays(offsets, score.reshape(-1), mask=missing)
+                topk_index, topk_score = top.indices.cpu().numpy(), top.values.cpu().numpy()
         if C.wants_features(self.spec.task):
-            emb = np.zeros((n, self.spec.embedding_dim), dtype=np.float32)
+            embeddings = np.zeros((0, self.spec.embedding_dim), np.float32)
             if feats is not None:
                 if self.spec.normalize:
                     feats = torch.nn.functional.normalize(feats, dim=1)
-                emb[ok] = feats.cpu().numpy()
-            cols[C.EMBEDDING] = pa.FixedSizeListArray.from_arrays(
-                emb.reshape(-1), self.spec.embedding_dim, mask=missing
-            )
-        cols[C.MODEL] = pa.array([self.spec.model] * n, pa.string())
-        cols[C.WEIGHTS] = pa.array([self.spec.weights_tag] * n, pa.string())
-        return pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema), t1, t2
+                embeddings = feats.cpu().numpy()
+        table = C.to_table(
+            self.spec.task,
+            batch[C.ID],
+            batch[C.SOURCE],
+            errors,
+            model=self.spec.model,
+            weights=self.spec.weights_tag,
+            topk_index=topk_index,
+            topk_score=topk_score,
+            categories=self.categories,
+            embeddings=embeddings,
+            schema=self.schema,
+        )
+        return table, t1, t2

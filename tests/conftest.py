@@ -15,7 +15,8 @@ from PIL import Image
 from torchvision import models as tvm
 from torchvision.transforms._presets import ImageClassification
 
-from pipeline.fidelity import calibrated_state_dict
+from bench.fidelity import calibrated_state_dict
+from pipeline.models import SplitClassifier
 from pipeline.samples import photo_like
 
 # Good images: id → bytes. Every mode and format the decoder must turn into RGB.
@@ -147,16 +148,14 @@ def reference(name: str, checkpoint: str, images: dict[str, bytes], transforms=N
 
     model = tvm.get_model(name, weights=None)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
-    model.eval()
-    fc = model.fc
-    model.fc = torch.nn.Identity()
+    model = SplitClassifier(model).eval()
     transforms = transforms or ImageClassification(crop_size=224, resize_size=256)
     out = {}
     with torch.inference_mode():
         for key, data in images.items():
             img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-            feats = model(transforms(img).unsqueeze(0))
-            out[key] = (feats[0].numpy(), fc(feats).softmax(1)[0].numpy())
+            feats, logits = model(transforms(img).unsqueeze(0))
+            out[key] = (feats[0].numpy(), logits.softmax(1)[0].numpy())
     return out
 
 

@@ -8,7 +8,7 @@ inputs, within 0.003 cosine and 3 points of top-1. Both depths: bf16 hurts ResNe
 
 import pytest
 
-from pipeline.fidelity import measure
+from bench.fidelity import measure
 from pipeline.predict import cpu_has_native
 
 

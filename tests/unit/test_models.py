@@ -175,3 +175,29 @@ def test_fetch_pretrained_uses_the_cache_and_gives_up_fast_without_a_network(
     assert time.monotonic() - t0 < 10  # a bounded wait, not a hang (the timeout is 1 s)
     assert reason and ("timed out" in reason or "within 1 s" in reason), reason
     assert not models.is_cached("resnet50")
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048)])
+def test_split_classifier_is_the_torchvision_model_in_two_parts(name, dim):
+    """features + head: torchvision's forward in one pass, torchvision's state_dict keys."""
+    from torch.fx.experimental.optimization import fuse
+
+    resnet = models.build(name, num_classes=10).eval()
+    split = models.SplitClassifier(resnet)
+    assert split.num_features == dim and split.num_classes == 10
+    assert list(split.state_dict()) == list(resnet.state_dict())
+    assert list(models.load_split(name, resnet.state_dict()).state_dict()) == list(resnet.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        feats, logits = split(x)
+        assert feats.shape == (2, dim) and logits.shape == (2, 10)
+        torch.testing.assert_close(logits, resnet(x), rtol=0, atol=0)
+        torch.testing.assert_close(split.head(split.features(x)), logits, rtol=0, atol=0)
+        folded, folded_logits = fuse(split)(x)  # traces with torch.fx (the Predictor folds BatchNorm)
+    torch.testing.assert_close(folded, feats, rtol=1e-4, atol=1e-4 * float(feats.abs().max()))
+    torch.testing.assert_close(folded_logits, logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max()))
+
+
+def test_split_classifier_takes_resnets_only():
+    with pytest.raises(TypeError, match="not Sequential"):
+        models.SplitClassifier(torch.nn.Sequential(torch.nn.Linear(2, 2)))

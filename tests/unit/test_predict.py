@@ -176,3 +176,46 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_smaller_size(weights):
     assert not is_out_of_memory(ValueError("out of memory")) and is_out_of_memory(
         RuntimeError("CUDA error: out of memory")
     )
+
+
+def test_to_table_encodes_numpy_predictions_with_error_rows_as_nulls():
+    """The output contract from plain numpy arrays, no model: good rows' values, error rows' nulls."""
+    errors = [None, "cannot decode: truncated", None]
+    table = C.to_table(
+        "both",
+        np.array(["a", "b", "c"], dtype=object),
+        ["s3://x/a", "s3://x/b", "s3://x/c"],
+        errors,
+        model="resnet18",
+        weights="sha256:00",
+        topk_index=np.array([[2, 0], [1, 3]]),
+        topk_score=np.array([[0.7, 0.2], [0.6, 0.3]], np.float32),
+        categories=["zero", "one", "two", "three"],
+        embeddings=np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32),
+    )
+    assert table.schema.equals(C.output_schema("both", 3))
+    rows = table.to_pylist()
+    assert [r[C.STATUS] for r in rows] == ["ok", "error", "ok"]
+    assert [r[C.ERROR] for r in rows] == errors
+    assert rows[0][C.CLASS_INDEX] == 2 and rows[0][C.CLASS_NAME] == "two"
+    assert rows[0][C.SCORE] == pytest.approx(0.7)
+    assert rows[2][C.TOPK_INDEX] == [1, 3] and rows[2][C.TOPK_NAME] == ["one", "three"]
+    assert rows[2][C.TOPK_SCORE] == pytest.approx([0.6, 0.3])
+    assert rows[0][C.EMBEDDING] == [1.0, 2.0, 3.0] and rows[2][C.EMBEDDING] == [4.0, 5.0, 6.0]
+    bad = rows[1]
+    assert bad[C.ID] == "b" and bad[C.SOURCE] == "s3://x/b"
+    for column in (C.CLASS_INDEX, C.CLASS_NAME, C.SCORE, C.TOPK_INDEX, C.TOPK_NAME, C.TOPK_SCORE):
+        assert bad[column] is None
+    assert bad[C.EMBEDDING] is None
+    assert {(r[C.MODEL], r[C.WEIGHTS]) for r in rows} == {("resnet18", "sha256:00")}
+
+    # One task at a time, with the caller's schema (metadata included); no good rows at all.
+    schema = C.output_schema("features", 3, {"k": "v"})
+    only_errors = C.to_table(
+        "features", ["a"], ["s"], ["broken"], model="m", weights="w",
+        embeddings=np.zeros((0, 3), np.float32), schema=schema,
+    )  # fmt: skip
+    assert only_errors.schema.equals(schema, check_metadata=True)
+    assert only_errors[C.EMBEDDING].null_count == 1 and C.CLASS_INDEX not in only_errors.column_names
+    with pytest.raises(ValueError, match="needs embeddings"):
+        C.to_table("features", ["a"], ["s"], [None], model="m", weights="w")

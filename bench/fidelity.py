@@ -1,9 +1,10 @@
 """How faithful a fast path is: the actors' Predictor against torchvision run directly.
 
-Used by the fidelity test and by bench/gpu.py. Random weights alone make agreement
-figures meaningless (every image lands on the same few classes), so ``calibrated_state_dict``
-sets BatchNorm statistics from photo-like images and spreads the logits, as a trained
-model's are.
+A test and benchmark helper, not part of the ``pipeline`` package: the tests import it as
+``bench.fidelity`` (the repository root on sys.path), bench/gpu.py as ``fidelity`` (its own
+folder on sys.path). Random weights alone make agreement figures meaningless (every image
+lands on the same few classes), so ``calibrated_state_dict`` sets BatchNorm statistics from
+photo-like images and spreads the logits, as a trained model's are.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torchvision import models as tvm
 from torchvision.transforms._presets import ImageClassification
 
 from pipeline.decode import decode_batch, open_rgb
+from pipeline.models import SplitClassifier
 from pipeline.samples import photo_like
 
 PRESET = ImageClassification(crop_size=224, resize_size=256)
@@ -60,17 +62,14 @@ def torchvision_reference(
     """
     model = tvm.get_model(name, weights=None, num_classes=int(state_dict["fc.weight"].shape[0]))
     model.load_state_dict(state_dict)
-    fc = model.fc
-    model.fc = torch.nn.Identity()
-    model.eval().to(device)
-    fc.to(device)
+    model = SplitClassifier(model).eval().to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     feats, probs = [], []
     for data in images:
         x = PRESET(open_rgb(data)).unsqueeze(0).to(device)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-            f = model(x)
-            p = fc(f).float().softmax(1)
+            f, logits = model(x)
+            p = logits.float().softmax(1)
         feats.append(f.float().cpu().numpy()[0])
         probs.append(p.cpu().numpy()[0])
     return np.stack(feats), np.stack(probs)
