@@ -177,6 +177,11 @@ class NightlyConfig:
 
     date: str | None = setting(None, "partition date YYYY-MM-DD (default: today, UTC)")
     max_error_fraction: float = setting(0.01, "above this share of broken images: exit non-zero, no _SUCCESS")
+    backfill: bool = setting(
+        False,
+        "recompute every input whose rows another model, weights or preprocessing made "
+        "(without it, such an output is refused)",
+    )
 
 
 @dataclass(frozen=True)

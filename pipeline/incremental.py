@@ -4,8 +4,10 @@ Layout under ROOT (readers skip every path with a part starting with ``_`` or ``
 
     dt=YYYY-MM-DD/part-*.parquet        the data
     dt=YYYY-MM-DD/_SUCCESS              the partition's last run finished within its error budget
-    dt=YYYY-MM-DD/_manifest.json        inputs, row counts, files, model, weights, run ids
-    _state/ledger.json                  input URI → version (size:ETag|mtime), partition, files, rows
+    dt=YYYY-MM-DD/_manifest.json        inputs, row counts, files, model, weights, preprocessing,
+                                        model fingerprints, run ids
+    _state/ledger.json                  input URI → version (size:ETag|mtime), partition, files,
+                                        rows, the model fingerprint (``Plan.fingerprint``)
     _lock.json, _state/commit-*.json,   the lease, and the commit in progress (``pipeline.commit``)
     _staging-<run>/
 
@@ -15,6 +17,10 @@ runs them into staging, and commits in one journal: the old files of every input
 redid go, its files move into ``dt=<date>/``, and the ledger, the touched partitions'
 manifests and ``_SUCCESS`` are written. A run killed anywhere is finished or undone by
 the next one, so every input is in the output exactly once.
+
+A root holds the rows of one model: a night whose model, weights, preprocessing or heads
+differ from those of the inputs done is refused before any work, unless ``--backfill``
+is given, which redoes every such input with the new model in the same one-commit way.
 
 An output file may hold rows of several inputs; when one of them changes, every input in
 that file is redone with it, so the file is replaced whole rather than rewritten.
@@ -26,7 +32,7 @@ import posixpath
 import re
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from pipeline import run as runner
@@ -52,10 +58,17 @@ class NightlyResult:
     errors: int = 0
 
 
-def plan_inputs(versions: dict[str, str], ledger: dict, visible: set[str]) -> set[str]:
-    """The inputs to (re)do: new, changed, or whose committed files are gone, plus every
-    input sharing an output file with one of those."""
+def plan_inputs(
+    versions: dict[str, str], ledger: dict, visible: set[str], fingerprint: str | None = None
+) -> set[str]:
+    """The inputs to (re)do: new, changed, done by another model than ``fingerprint``, or
+    whose committed files are gone, plus every input sharing an output file with one of those.
+
+    Entries written before fingerprints were kept have none, and count as this model's.
+    """
     todo = {u for u, v in versions.items() if ledger.get(u, {}).get("version") != v}
+    if fingerprint:
+        todo |= {u for u, e in ledger.items() if u in versions and e.get("model", fingerprint) != fingerprint}
     todo |= {u for u, e in ledger.items() if u in versions and not set(e["files"]) <= visible}
     by_file = defaultdict(set)
     for u, e in ledger.items():
@@ -83,6 +96,8 @@ def manifest(partition: str, ledger: dict, plan, run_id: str) -> dict:
         "errors": sum(e["errors"] for e in inputs.values()),
         "model": plan.weights.model if plan else None,
         "weights": plan.weights.tag if plan else None,
+        "preprocessing": plan.weights.preprocessing() if plan else None,
+        "fingerprints": sorted({e["model"] for e in inputs.values() if "model" in e}),
         "run_ids": sorted({e["run_id"] for e in inputs.values()}),
         "last_run_id": run_id,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -99,8 +114,26 @@ def check_date(text: str) -> str:
     return text
 
 
-def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) -> NightlyResult:
-    """Processes what is new under the input into ``<output>/dt=<date>/``; see the module doc."""
+def other_models(ledger: dict, versions: dict[str, str], fingerprint: str) -> list[str]:
+    """The fingerprints, other than ``fingerprint``, of the rows of inputs still listed."""
+    return sorted(
+        {
+            e["model"]
+            for u, e in ledger.items()
+            if u in versions and e.get("model", fingerprint) != fingerprint
+        }
+    )
+
+
+def run_nightly(
+    config: RunConfig, date: str, max_error_fraction: float = 0.01, backfill: bool = False
+) -> NightlyResult:
+    """Processes what is new under the input into ``<output>/dt=<date>/``; see the module doc.
+
+    Args:
+        backfill: recompute every input whose rows another model (``Plan.fingerprint``)
+            made; without it, a root holding such rows is refused before any work.
+    """
     check_date(date)
     if not 0 <= max_error_fraction <= 1:
         raise ConfigError(f"--max-error-fraction must be within 0..1, got {max_error_fraction}")
@@ -118,13 +151,22 @@ def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) 
         # The ledger is keyed by the inputs' URIs as the `source` column holds them: redacted.
         real = {redact(u): u for u in listing.versions}
         versions = {key: listing.versions[u] for key, u in real.items()}
-        todo = plan_inputs(versions, ledger, visible)
+        # Weights and preprocessing are settled for the whole listing before anything runs.
+        plan = runner.prepare(config, listing=listing, check_output=False)
+        others = other_models(ledger, versions, plan.fingerprint)
+        if others and not backfill:
+            raise ConfigError(
+                f"{root.uri} holds rows of {others[0]}"
+                f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}, not of "
+                f"{plan.fingerprint}; pass --backfill to recompute every input with this model"
+            )
+        todo = plan_inputs(versions, ledger, visible, plan.fingerprint)
         if not todo:
             return NightlyResult(
                 0, f"nothing new under {config.source.input}; {len(ledger)} inputs done", partition
             )
 
-        plan = runner.prepare(config, listing=listing.only({real[u] for u in todo}), check_output=False)
+        plan = replace(plan, listing=listing.only({real[u] for u in todo}))
         ex = runner.execute(plan, sinks.staging_dir(root.uri, run_id))
         lease.check()
 
@@ -143,6 +185,7 @@ def run_nightly(config: RunConfig, date: str, max_error_fraction: float = 0.01) 
                 "rows": sum(c[u][0] for c in counts.values() if u in c),
                 "errors": sum(c[u][1] for c in counts.values() if u in c),
                 "run_id": run_id,
+                "model": plan.fingerprint,
             }
         rows = sum(c[0] for per in counts.values() for c in per.values())
         errors = sum(c[1] for per in counts.values() for c in per.values())

@@ -11,6 +11,8 @@ them on their device (``Predictor.inputs``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -47,6 +49,17 @@ class Plan:
         preprocessing = {**w.preprocessing(), "decode": self.config.compute.decode}
         meta = sinks.provenance(w.model, w.tag, self.config.model.task, preprocessing, self.precision)
         return C.output_schema(self.config.model.task, w.embedding_dim, meta)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What the rows' values depend on: the model, its weights, the preprocessing, the task
+        and its heads; ``"<model> <weights> <digest>"``. A nightly root keeps it per input, so
+        that embeddings of two models never mix in one dataset."""
+        w, m = self.weights, self.config.model
+        what = {"model": w.model, "weights": w.tag, "preprocessing": w.preprocessing(),
+                "task": m.task, "top_k": m.top_k, "normalize": m.normalize}  # fmt: skip
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{w.model} {w.tag} {digest}"
 
 
 @dataclass(frozen=True)

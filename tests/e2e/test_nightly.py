@@ -201,6 +201,38 @@ def test_two_nights_rerun_and_changed_shard(tmp_path, out, s3_server, night):
     assert table.num_rows == len(expected)
 
 
+def test_another_model_is_refused_then_backfilled_exactly_once(tmp_path, out, s3_server, night):
+    """A nightly run with another --model on the same root once mixed the embeddings of two
+    models in one dataset, in silence. Now it is refused before any work, and --backfill
+    redoes every input with the new model, each exactly once."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected = make_shard(shards, "a", 3, 0) | make_shard(shards, "b", 2, 10)
+    night(str(shards), out, "2026-11-24", s3_endpoint=s3_server)
+    before = sorted(out.names())
+
+    refused = night(str(shards), out, "2026-11-25", "--model", "resnet34", s3_endpoint=s3_server, check=False)
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and refused.executions == 0, refused.stderr[-2000:]
+    assert line.startswith("error: ") and "holds rows of resnet18 none" in line and "--backfill" in line
+    assert sorted(out.names()) == before  # nothing written, nothing deleted
+
+    night(str(shards), out, "2026-11-25", "--model", "resnet34", "--backfill", s3_endpoint=s3_server)
+    files = [f"{out.path}/{n}" for n in out.visible()]
+    table = pq.read_table(files, columns=["id", "model"], filesystem=out.fs)
+    ids = table["id"].to_pylist()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert set(table["model"].to_pylist()) == {"resnet34"}
+    ledger = out.read_json("_state/ledger.json")
+    assert {e["model"].split()[0] for e in ledger.values()} == {"resnet34"}
+    assert out.read_json("dt=2026-11-25/_manifest.json")["fingerprints"] == [
+        next(iter(ledger.values()))["model"]
+    ]
+
+    again = night(str(shards), out, "2026-11-26", "--model", "resnet34", s3_endpoint=s3_server)
+    assert "nothing new" in again.stdout and again.executions == 0
+
+
 class Reader(threading.Thread):
     """Reads what a reader sees, over and over, while the job runs; records any duplicate."""
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.incremental import check_date, plan_inputs
+from pipeline.incremental import check_date, other_models, plan_inputs
 
 
 def entry(version, files, partition="dt=2026-11-25"):
@@ -28,6 +28,21 @@ def test_plan_new_changed_missing_and_colocated():
     }
     same = {u: e["version"] for u, e in ledger.items()}
     assert plan_inputs(same, ledger, {"dt=1/f1.parquet", "dt=1/f2.parquet", "dt=1/f3.parquet"}) == set()
+
+
+def test_plan_redoes_the_inputs_of_another_model_and_names_it():
+    files = {"dt=1/f1.parquet", "dt=1/f2.parquet", "dt=1/f3.parquet"}
+    ledger = {
+        "a.tar": {**entry("1", ["dt=1/f1.parquet"]), "model": "resnet18 none 111"},
+        "b.tar": {**entry("1", ["dt=1/f2.parquet"]), "model": "resnet50 none 222"},
+        "c.tar": entry("1", ["dt=1/f3.parquet"]),  # from before fingerprints: counted as this model's
+        "gone.tar": {**entry("1", ["dt=1/f3.parquet"]), "model": "resnet34 none 333"},  # no longer listed
+    }
+    versions = {"a.tar": "1", "b.tar": "1", "c.tar": "1"}
+    assert other_models(ledger, versions, "resnet50 none 222") == ["resnet18 none 111"]
+    assert plan_inputs(versions, ledger, files, "resnet50 none 222") == {"a.tar"}
+    assert plan_inputs(versions, ledger, files, "resnet18 none 111") == {"b.tar"}
+    assert other_models(ledger, versions, "resnet18 none 111") == ["resnet50 none 222"]
 
 
 @pytest.mark.parametrize("bad", ["2026-13-01", "26/11/2026", ""])
