@@ -59,20 +59,19 @@ def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -
     root = None
     # A name that exists is taken literally: "img[1].jpg" or "{a}.tar" is a file, not a pattern.
     literal = any(ch in uri for ch in "*?[{") and _exists(fs, fs._strip_protocol(uri))
-    for pattern in [uri] if literal else expand_braces(uri):
-        path = fs._strip_protocol(pattern)
+    patterns = [uri] if literal else expand_braces(uri)
+    paths = [fs._strip_protocol(p) for p in patterns]
+    braces = None if literal else _list_braces(fs, uri, paths)
+    for pattern, path in zip(patterns, paths, strict=True):
         try:
-            if not literal and any(ch in path for ch in "*?["):
+            if braces is not None and path.rstrip("/") in braces:
+                base, entries = braces[path.rstrip("/")]
+            elif not literal and any(ch in path for ch in "*?["):
                 hits = fs.glob(path, detail=True)
                 base = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
                 entries = {p: d for p, d in hits.items() if d.get("type") != "directory"}
-            elif fs.isdir(path):
-                base = path.rstrip("/")
-                entries = fs.find(path, detail=True)
             else:
-                info = fs.info(path)
-                base = path.rsplit("/", 1)[0]
-                entries = {path: info}
+                base, entries = _list_one(fs, path)
         except FileNotFoundError:
             raise InputError(f"input not found: {pattern}") from None
         except PermissionError as e:
@@ -90,13 +89,69 @@ def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -
     keep = [p for p in sorted(found) if has_ext(p, exts)]
     if not keep:
         raise InputError(f"no {chosen.name} files ({', '.join(exts)}) under {uri}")
+    uris = {p: fs.unstrip_protocol(p) for p in keep}
     return Listing(
         chosen.name,
         fs.unstrip_protocol(root),
-        tuple((fs.unstrip_protocol(p), found[p]) for p in keep),
+        tuple((uris[p], found[p]) for p in keep),
         skipped=len(found) - len(keep),
-        versions={fs.unstrip_protocol(p): versions[p] for p in keep},
+        versions={uris[p]: versions[p] for p in keep},
     )
+
+
+def _list_one(fs, path: str) -> tuple[str, dict]:
+    """A folder (one recursive listing) or a single file (one ``info``): (base, entries)."""
+    if fs.isdir(path):
+        return path.rstrip("/"), fs.find(path, detail=True)
+    return path.rsplit("/", 1)[0], {path: fs.info(path)}
+
+
+def _list_braces(fs, uri: str, paths: list[str]) -> dict[str, tuple[str, dict]] | None:
+    """A plain brace pattern from ONE recursive listing of the folder before its first ``{``
+    (paginated LISTs on an object store, never a HEAD per name).
+
+    Returns expanded name → (base, entries) as ``_list_one`` would give it: a name that is a
+    folder (some listed file lies under it) → everything under it; else a listed file of
+    that name. Names that matched nothing are absent: the caller looks them up one by one
+    (an empty folder, a symbolic link, or "input not found"). None: not such a pattern
+    (globs left after expansion, a brace in the first part of the path, HTTP) or the
+    listing was refused; the caller then looks every name up as before.
+    """
+    if "{" not in uri or "http" in _protocols(fs):
+        return None
+    names = {p.rstrip("/") for p in paths}
+    if any(ch in n for n in names for ch in "*?["):
+        return None
+    stripped = fs._strip_protocol(uri)
+    before = stripped[: stripped.find("{")]
+    prefix = before.rsplit("/", 1)[0] if "/" in before else ""  # b/shards for b/shards/s-{0..9}.tar
+    if not prefix or not all(n.startswith(prefix + "/") for n in names):
+        return None
+    try:
+        listed = fs.find(prefix, detail=True)
+    except FileNotFoundError:
+        listed = {}
+    except PermissionError:  # no right to LIST (only to GET): one lookup per name, as before
+        return None
+    files: dict[str, dict] = {}  # name → its own listed entry (a plain file)
+    under: dict[str, dict] = {}  # folder name → the listed files under it
+    for p, d in listed.items():
+        if d.get("type") == "directory":
+            continue
+        if p in names and d.get("type", "file") == "file":
+            files[p] = d
+        q = p
+        while (cut := q.rfind("/")) > len(prefix):  # its folders below the prefix
+            q = q[:cut]
+            if q in names:
+                under.setdefault(q, {})[p] = d
+    out = {n: (n, entries) for n, entries in under.items()}  # a folder wins, as fs.isdir does
+    out.update({n: (n.rsplit("/", 1)[0], {n: d}) for n, d in files.items() if n not in under})
+    return out
+
+
+def _protocols(fs) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
 
 
 def _exists(fs, path: str) -> bool:

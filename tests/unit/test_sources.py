@@ -297,3 +297,95 @@ def test_a_new_format_is_one_module_plus_one_registry_line(tmp_path, registry_re
 def test_the_registry_is_restored_after_a_test_that_registered_a_format():
     with pytest.raises(InputError, match="choose one of auto, images, webdataset, parquet$"):
         list_input("/tmp", "zip")
+
+
+class _CountingFS:
+    """A local file system that counts the per-name lookups (a HEAD each on S3)."""
+
+    def __init__(self):
+        from fsspec.implementations.local import LocalFileSystem
+
+        calls = self.calls = {"info": 0, "isdir": 0, "isfile": 0, "exists": 0}
+
+        class Counting(LocalFileSystem):
+            cachable = False
+
+            def info(self, path, **kwargs):
+                calls["info"] += isinstance(path, str)  # not the DirEntry of a folder listing
+                return super().info(path, **kwargs)
+
+            def isdir(self, path):
+                calls["isdir"] += 1
+                return super().isdir(path)
+
+            def isfile(self, path):
+                calls["isfile"] += 1
+                return super().isfile(path)
+
+            def exists(self, path, **kwargs):
+                calls["exists"] += 1
+                return super().exists(path, **kwargs)
+
+        self.fs = Counting()
+
+    def url_to_fs(self, uri, options=None):
+        return self.fs, self.fs._strip_protocol(uri)
+
+
+def test_a_brace_pattern_is_one_listing_not_a_lookup_per_name(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.sources import listing as listing_module
+
+    folder = tmp_path / "shards"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(300):
+        (folder / f"shard-{i:03d}.tar").write_bytes(b"x" * (i % 7))
+    for decoy in ["shard-300.tar", "shard-0000.tar", "other-001.tar", "sub/shard-001.tar", ".shard-002.tar"]:
+        (folder / decoy).write_bytes(b"decoy")
+    (folder / "_hidden.tar").write_bytes(b"hidden")
+
+    counted = {}
+    for n in (30, 300):
+        counting = _CountingFS()
+        monkeypatch.setattr(listing_module, "url_to_fs", counting.url_to_fs)
+        listing = list_input(f"{folder}/shard-{{000..{n - 1:03d}}}.tar")
+        counted[n] = counting.calls
+        paths = [f"{folder}/shard-{i:03d}.tar" for i in range(n)]
+        assert listing.format == "webdataset" and listing.root == f"file://{folder}"
+        assert listing.files == tuple((f"file://{p}", i % 7) for i, p in enumerate(paths))
+        assert listing.versions == {
+            f"file://{p}": f"{i % 7}:{os.stat(p).st_mtime}" for i, p in enumerate(paths)
+        }
+        assert listing.skipped == 0
+    assert counted[30] == counted[300], counted  # no lookup per name
+    assert sum(counted[300].values()) <= 4, counted
+
+    # a name of the pattern that is hidden is left out, as from a folder
+    listing = list_input(f"{folder}/{{_hidden,shard-001}}.tar")
+    assert [u for u, _ in listing.files] == [f"file://{folder}/shard-001.tar"]
+
+
+def test_a_brace_pattern_with_a_missing_name_names_the_first_missing_one(tmp_path):
+    for i in (0, 2, 4):
+        (tmp_path / f"shard-{i}.tar").write_bytes(b"x")
+    with pytest.raises(InputError) as e:
+        list_input(f"{tmp_path}/shard-{{0..4}}.tar")
+    assert str(e.value) == f"input not found: {tmp_path}/shard-1.tar"
+    with pytest.raises(InputError) as e:
+        list_input(f"{tmp_path}/none/shard-{{0..4}}.tar")  # the folder before the brace is missing
+    assert str(e.value) == f"input not found: {tmp_path}/none/shard-0.tar"
+
+
+def test_a_brace_pattern_over_folders_lists_everything_under_each(tmp_path):
+    files = ["x/a.jpg", "x/sub/b.jpg", "y/c.jpg", "x/_private/d.jpg", "y/.DS_Store", "xy/e.jpg", "z/f.jpg"]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"x")
+    (tmp_path / "empty").mkdir()  # an empty folder adds nothing, as before
+    listing = list_input(f"{tmp_path}/{{x,y,empty}}/")
+    assert listing.root == f"file://{tmp_path}/x"
+    assert [u for u, _ in listing.files] == [
+        f"file://{tmp_path}/{f}" for f in ["x/a.jpg", "x/sub/b.jpg", "y/c.jpg"]
+    ]
+    assert list_input(f"{tmp_path}/{{y,x}}").root == f"file://{tmp_path}/y"
