@@ -237,21 +237,6 @@ def decode_cpus(cpus_per_actor: float) -> float:
     return 0.25 if cpus_per_actor == 0.5 else 0.5
 
 
-def _read(batch, *, image_column: str, id_column: str, storage_options: dict, stats=None):
-    for fmt, root, uris, size in zip(
-        batch["format"], batch["root"], batch["uris"], batch["size"], strict=True
-    ):
-        shard = sources.Shard(str(fmt), str(root), tuple(str(u) for u in uris), int(size))
-        tables = sources.read_shard(shard, image_column, id_column, storage_options)
-        while True:
-            start, t0 = time.time(), time.perf_counter()
-            table = next(tables, None)
-            if table is None:
-                break
-            efficiency.tell(stats, "read", table.num_rows, start, t0)
-            yield table
-
-
 def _decode(batch, *, spec: Preprocess, max_pixels: int, stats=None):
     start, t0 = time.time(), time.perf_counter()
     out = decode_batch(batch, spec, max_pixels)
@@ -274,22 +259,17 @@ def build(plan: Plan, stats=None, slots=None):
     ray.data.DataContext.get_current().target_max_block_size = max(
         1 << 20, cfg.compute.batch_size * crop * crop * 3
     )
-    shards = sources.shards(plan.listing)
-    items = [{"format": s.format, "root": s.root, "uris": list(s.uris), "size": s.size} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    from pipeline.sources.datasource import ShardDatasource
+
     cpus = decode_cpus(cfg.compute.cpus_per_actor)
-    ds = ds.map_batches(
-        _read,
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=cpus,
-        fn_kwargs={
-            "image_column": cfg.source.image_column,
-            "id_column": cfg.source.id_column,
-            "storage_options": cfg.storage_options,
-            "stats": stats,
-        },
+    source = ShardDatasource(
+        sources.shards(plan.listing),
+        cfg.source.image_column,
+        cfg.source.id_column,
+        cfg.storage_options,
+        stats,
     )
+    ds = ray.data.read_datasource(source, num_cpus=cpus)
     c = cfg.compute
     if c.decode == "cpu":
         ds = ds.map_batches(

@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import columns as C
-from pipeline.sources import InputError, expand_braces, list_input, read_shard, shards
-from tests.conftest import ALL, BROKEN, GOOD, write_tar
+from pipeline.sources import InputError, Shard, expand_braces, list_input, read_shard, shards
+from tests.conftest import ALL, BROKEN, GOOD, wds_samples, write_tar
 
 
 def rows(listing, image_column="image"):
@@ -389,3 +389,23 @@ def test_a_brace_pattern_over_folders_lists_everything_under_each(tmp_path):
         f"file://{tmp_path}/{f}" for f in ["x/a.jpg", "x/sub/b.jpg", "y/c.jpg"]
     ]
     assert list_input(f"{tmp_path}/{{y,x}}").root == f"file://{tmp_path}/y"
+
+
+def test_read_tasks_cover_every_shard_once_and_are_made_without_ray(tmp_path):
+    """Planning is a list of read tasks, a few shards each; no block is put anywhere."""
+    from pipeline.sources.datasource import SHARDS_PER_TASK, ShardDatasource, split, tasks_for
+
+    many = [Shard("webdataset", "/r", (f"/r/shard-{i:06d}.tar",), 10) for i in range(100_000)]
+    tasks = ShardDatasource(many).get_read_tasks(200)
+    assert len(tasks) == 100_000 // SHARDS_PER_TASK
+    assert sum(t.metadata.size_bytes for t in tasks) == 10 * 100_000
+    assert tasks_for(2, 200) == 2 and tasks_for(0, 200) == 0 and tasks_for(1000, 200) == 250
+    groups = split(list(range(10)), 4)
+    assert [list(g) for g in groups] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+
+    write_tar(str(tmp_path / "a.tar"), wds_samples()[:3])
+    write_tar(str(tmp_path / "b.tar"), wds_samples()[3:5])
+    listing = list_input(str(tmp_path))
+    (task,) = ShardDatasource(shards(listing)).get_read_tasks(1)
+    rows = [r for table in task() for r in table.to_pylist()]
+    assert [r[C.ID] for r in rows] == [k for k, _ in wds_samples()[:5]]
