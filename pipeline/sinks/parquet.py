@@ -54,17 +54,16 @@ class ParquetSink(Sink):
         return Staged(files, sink.rows, visible)
 
     def read_back(self, uri: str, storage_options: dict | None = None) -> Written:
-        """Counts what a Parquet reader sees under ``uri`` (names starting with _ or . are not data)."""
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
+        """Counts what a Parquet reader sees under ``uri`` (names starting with _ or . are not data),
+        from the files' footers: rows, and error rows as the non-null ``error`` values."""
         fs, path = url_to_fs(uri, storage_options)
         files = sorted(p for p in fs.find(path) if self.is_data(p[len(path) :]))
-        if not files:
-            return Written((), 0, 0, 0)
-        table = pq.read_table(files, columns=[C.STATUS], filesystem=arrow_fs(uri, storage_options))
-        ok = pc.sum(pc.equal(table[C.STATUS], C.STATUS_OK)).as_py() or 0
-        return Written(tuple(fs.unstrip_protocol(p) for p in files), table.num_rows, ok, table.num_rows - ok)
+        afs = arrow_fs(uri, storage_options)
+        rows = errors = 0
+        for f in files:
+            n, e = _footer_counts(f, afs)
+            rows, errors = rows + n, errors + e
+        return Written(tuple(fs.unstrip_protocol(p) for p in files), rows, rows - errors, errors)
 
     def rows_per_source(self, files: list[str], uri: str, storage_options=None) -> dict:
         import pyarrow.parquet as pq
@@ -80,6 +79,24 @@ class ParquetSink(Sink):
                 c[1] += status != C.STATUS_OK
             out[path] = counts
         return out
+
+
+def _footer_counts(path: str, filesystem) -> tuple[int, int]:
+    """(rows, error rows) of one file from its footer; the column itself only when a row
+    group has no statistics (files from elsewhere)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path, filesystem=filesystem)
+    column = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == C.ERROR)
+    errors = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        stats = group.column(column).statistics
+        if stats is None or not stats.has_null_count:
+            table = pq.read_table(path, columns=[C.ERROR], filesystem=filesystem)
+            return meta.num_rows, table.num_rows - table[C.ERROR].null_count
+        errors += group.num_rows - stats.null_count
+    return meta.num_rows, errors
 
 
 def _filename_provider():
