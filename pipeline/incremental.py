@@ -74,19 +74,25 @@ def plan_inputs(
     for u, e in ledger.items():
         for f in e["files"]:
             by_file[f].add(u)
-    grow = set(todo)
+    grow, closed = list(todo), set()  # each file is closed over once: linear in the ledger
     while grow:
         u = grow.pop()
         for f in ledger.get(u, {}).get("files", []):
-            for v in by_file[f] - todo:
-                if v in versions:
+            if f in closed:
+                continue
+            closed.add(f)
+            for v in by_file[f]:
+                if v not in todo and v in versions:
                     todo.add(v)
-                    grow.add(v)
+                    grow.append(v)
     return todo
 
 
 def manifest(partition: str, ledger: dict, plan, run_id: str) -> dict:
-    """A partition's ``_manifest.json``, from the ledger entries that point into it."""
+    """A partition's ``_manifest.json``, from the ledger entries that point into it.
+
+    ``ledger`` may hold only those (``manifests`` passes each partition its own).
+    """
     inputs = {u: e for u, e in ledger.items() if e["partition"] == partition}
     return {
         "partition": partition,
@@ -102,6 +108,61 @@ def manifest(partition: str, ledger: dict, plan, run_id: str) -> dict:
         "last_run_id": run_id,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def manifests(partitions, ledger: dict, plan, run_id: str) -> dict[str, dict]:
+    """``manifest`` of each of ``partitions``, grouping the ledger by partition in one pass."""
+    groups: dict[str, dict] = {p: {} for p in partitions}
+    for u, e in ledger.items():
+        group = groups.get(e["partition"])
+        if group is not None:
+            group[u] = e
+    return {p: manifest(p, groups[p], plan, run_id) for p in sorted(groups)}
+
+
+def entries(
+    todo, counts: dict, moves: dict[str, str], versions: dict, partition: str, run_id: str, model: str
+) -> dict:
+    """The ledger entries of the inputs ``todo`` just done into ``partition``, in one pass
+    over ``counts`` (staged file → input → [rows, errors]) rather than one per input;
+    ``moves``: staged file → where it is committed; ``model``: the plan's fingerprint."""
+    per_input = defaultdict(list)  # input → [(committed file, rows, errors)]
+    for path, per in counts.items():
+        for u, c in per.items():
+            per_input[u].append((moves[path], c[0], c[1]))
+    done = {}
+    for u in sorted(todo):
+        mine = per_input.get(u, ())
+        done[u] = {
+            "version": versions[u],
+            "partition": partition,
+            "files": sorted(f for f, _, _ in mine),
+            "rows": sum(r for _, r, _ in mine),
+            "errors": sum(e for _, _, e in mine),
+            "run_id": run_id,
+            "model": model,
+        }
+    return done
+
+
+def bookkeeping(
+    ledger: dict, todo: set[str], versions: dict, counts: dict, moves: dict, partition: str, plan, run_id: str
+) -> tuple[list[str], dict[str, object]]:
+    """What a night that did ``todo`` commits, in passes linear in the ledger: the old files
+    it replaces, and the JSON it writes (the new ledger, the touched partitions' manifests).
+
+    ``counts``: staged file → input → [rows, errors]; ``moves``: staged file → committed path.
+    """
+    old_files = sorted({f for u in todo for f in ledger.get(u, {}).get("files", [])})
+    replaced = set(old_files)
+    new_ledger = {u: e for u, e in ledger.items() if u not in todo and replaced.isdisjoint(e["files"])}
+    touched = {partition} | {e["partition"] for u, e in ledger.items() if u not in new_ledger}
+    new_ledger.update(entries(todo, counts, moves, versions, partition, run_id, plan.fingerprint))
+    writes: dict[str, object] = {
+        f"{p}/{MANIFEST}": m for p, m in manifests(touched, new_ledger, plan, run_id).items()
+    }
+    writes[LEDGER] = new_ledger
+    return old_files, writes
 
 
 def check_date(text: str) -> str:
@@ -172,27 +233,11 @@ def run_nightly(
 
         counts = sink.rows_per_source(ex.staged, root.uri, so)
         moves = {p: f"{partition}/{posixpath.basename(p)}" for p in ex.staged}
-        old_files = sorted({f for u in todo for f in ledger.get(u, {}).get("files", [])})
-        new_ledger = {
-            u: e for u, e in ledger.items() if u not in todo and not set(e["files"]) & set(old_files)
-        }
-        touched = {partition} | {ledger[u]["partition"] for u in ledger if u not in new_ledger}
-        for u in sorted(todo):
-            new_ledger[u] = {
-                "version": versions[u],
-                "partition": partition,
-                "files": sorted(moves[p] for p, c in counts.items() if u in c),
-                "rows": sum(c[u][0] for c in counts.values() if u in c),
-                "errors": sum(c[u][1] for c in counts.values() if u in c),
-                "run_id": run_id,
-                "model": plan.fingerprint,
-            }
         rows = sum(c[0] for per in counts.values() for c in per.values())
         errors = sum(c[1] for per in counts.values() for c in per.values())
         runner.check_rows(ex.rows, rows, "the staged files")
         over = bool(rows) and errors / rows > max_error_fraction
-        writes = {f"{p}/{MANIFEST}": manifest(p, new_ledger, plan, run_id) for p in sorted(touched)}
-        writes[LEDGER] = new_ledger
+        old_files, writes = bookkeeping(ledger, todo, versions, counts, moves, partition, plan, run_id)
         journal = Journal(
             run_id,
             deletes=old_files,

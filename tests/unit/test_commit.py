@@ -7,12 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.commit import LOCK, Journal, Lease, LeaseHeld, Root, commit, recover
+from pipeline.commit import LOCK, MOVE_WORKERS, Journal, Lease, LeaseHeld, Root, commit, recover
 
 OLD = {"part-0-old.parquet": b"old0", "part-1-old.parquet": b"old1", "_report.json": b"{}"}
 NEW = {"part-0-new.parquet": b"new0", "part-1-new.parquet": b"new1", "part-2-new.parquet": b"new2"}
@@ -26,15 +28,18 @@ class FailingFS(LocalFileSystem):
     def __init__(self, fail_at: int):
         super().__init__()
         self.fail_at, self.calls = fail_at, 0
+        self.lock = threading.Lock()  # the commit deletes and moves from a pool of threads
 
     def __getattribute__(self, name):
         attr = super().__getattribute__(name)
         if name in FailingFS.CHANGING:
 
             def changing(*args, **kwargs):
-                self.calls += 1
-                if self.calls == self.fail_at:
-                    raise OSError(f"injected failure at call {self.calls} ({name})")
+                with self.lock:
+                    self.calls += 1
+                    call = self.calls
+                if call == self.fail_at:
+                    raise OSError(f"injected failure at call {call} ({name})")
                 return attr(*args, **kwargs)
 
             return changing
@@ -102,6 +107,86 @@ def test_a_failure_at_every_step_then_recovery_leaves_the_old_files_or_the_new(t
         if committed:
             assert json.loads((out / "_state" / "ledger.json").read_text()) == {"a": 1}
         assert recover(Root(str(out))) == 0  # repaired is repaired
+
+
+class CountingFS(LocalFileSystem):
+    """A real local file system that records the calls the commit makes on it, in order
+    (not those it makes on itself, as ``ls`` calling ``info`` for each entry), and how many
+    ran at once."""
+
+    cachable = False  # a fresh one each time, with its own counts
+    COUNTED = ("exists", "info", "isdir", "isfile", "ls", "find", "mv", "rm", "rm_file", "makedirs",
+               "pipe_file", "cat_file")  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.lock, self.inside = [], threading.Lock(), threading.local()
+        self.running = self.most = 0
+
+    def __getattribute__(self, name):
+        attr = super().__getattribute__(name)
+        if name not in CountingFS.COUNTED:
+            return attr
+
+        def counted(*args, **kwargs):
+            outer = not getattr(self.inside, "depth", 0)
+            if outer:
+                with self.lock:
+                    self.calls.append((name, args[0] if args else None))
+                    self.running += 1
+                    self.most = max(self.most, self.running)
+            self.inside.depth = getattr(self.inside, "depth", 0) + 1
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.inside.depth -= 1
+                if outer:
+                    with self.lock:
+                        self.running -= 1
+
+        return counted
+
+
+def commit_files(out, n: int) -> CountingFS:
+    """Commits ``n`` staged files into ``dt=2/`` in place of ``n`` old ones in ``dt=1/``."""
+    (out / "_staging-r").mkdir(parents=True)
+    (out / "dt=1").mkdir()
+    for i in range(n):
+        (out / "dt=1" / f"old-{i}.parquet").write_bytes(b"old")
+        (out / "_staging-r" / f"new-{i}.parquet").write_bytes(b"new")
+    journal = Journal(
+        "r",
+        deletes=[f"dt=1/old-{i}.parquet" for i in range(n)],
+        moves=[(f"_staging-r/new-{i}.parquet", f"dt=2/new-{i}.parquet") for i in range(n)],
+        writes={"_state/ledger.json": {"n": n}, "dt=2/_manifest.json": {"n": n}},
+        markers={"dt=2/_SUCCESS": True},
+    )
+    fs = CountingFS()
+    commit(Root(str(out), fs=fs), journal)
+    arrived = sorted(p.name for p in (out / "dt=2").glob("*.parquet"))
+    assert arrived == sorted(f"new-{i}.parquet" for i in range(n))
+    assert not list((out / "dt=1").iterdir()) and not (out / "_staging-r").exists()
+    return fs
+
+
+def test_a_commit_lists_folders_not_files_and_moves_in_a_bounded_pool(tmp_path):
+    """The commit used to ask for each file whether it existed (a HEAD each on S3) and moved
+    them one at a time."""
+    small, big = commit_files(tmp_path / "small", 30), commit_files(tmp_path / "big", 300)
+    lookups = ("exists", "info", "isdir", "isfile", "ls", "find", "cat_file")
+    count = [Counter(n for n, _ in fs.calls if n in lookups) for fs in (small, big)]
+    assert count[0] == count[1] and sum(count[1].values()) <= 10, count
+    names = [(n, str(path)) for n, path in big.calls]
+    assert sum(n == "rm_file" and "/dt=1/old-" in p for n, p in names) == 300
+    assert sum(n == "mv" and "/_staging-r/new-" in p for n, p in names) == 300
+    made = [Counter(p for n, p in fs.calls if n == "makedirs") for fs in (small, big)]
+    assert sum(made[0].values()) == sum(made[1].values()) <= 6, made  # per folder, not per file
+    # Old files all go before a new one arrives; the ledger and manifests once all arrived.
+    deletes = [i for i, (n, p) in enumerate(names) if n == "rm_file" and "/dt=1/old-" in p]
+    moves = [i for i, (n, p) in enumerate(names) if n == "mv" and "/_staging-r/new-" in p]
+    writes = [i for i, (n, p) in enumerate(names) if n == "pipe_file" and ("_manifest" in p or "ledger" in p)]
+    assert max(deletes) < min(moves) and max(moves) < min(writes)
+    assert 1 < big.most <= MOVE_WORKERS
 
 
 def test_recover_drops_a_staging_that_never_reached_its_journal(tmp_path):
