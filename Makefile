@@ -6,10 +6,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install local test lint bench clean
+.PHONY: help install local test lint bench bench-scale clean
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -33,6 +33,9 @@ lint: $(STAMP) ## Format check and lint (ruff)
 
 bench: $(STAMP) ## Benchmark the pipeline against the plain PyTorch loop (about 25 min on 2 cores)
 	$(PY) bench/bench.py
+
+bench-scale: $(STAMP) ## Driver cost per input at 10k, 100k and 1M synthetic inputs (about 10 min)
+	$(PY) bench/scale.py --before
 
 clean: ## Remove generated data and outputs (keeps .venv)
 	rm -rf out data
