@@ -53,11 +53,16 @@ class Plan:
     @cached_property
     def fingerprint(self) -> str:
         """What the rows' values depend on: the model, its weights, the preprocessing, the task
-        and its heads; ``"<model> <weights> <digest>"``. A nightly root keeps it per input, so
-        that embeddings of two models never mix in one dataset."""
+        and its heads' settings (top-k and class names, normalisation); ``"<model> <weights>
+        <digest>"``. A nightly root keeps it per input, so that embeddings of two models never
+        mix in one dataset. Precision and decoder are left out: they move values by rounding,
+        not by meaning."""
         w, m = self.weights, self.config.model
-        what = {"model": w.model, "weights": w.tag, "preprocessing": w.preprocessing(),
-                "task": m.task, "top_k": m.top_k, "normalize": m.normalize}  # fmt: skip
+        what: dict = {"model": w.model, "weights": w.tag, "preprocessing": w.preprocessing(), "task": m.task}
+        if C.wants_classes(m.task):  # the heads' settings only where the task has that head
+            what |= {"top_k": m.top_k, "categories": w.categories}  # --labels names the classes
+        if C.wants_features(m.task):
+            what["normalize"] = m.normalize
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         return f"{w.model} {w.tag} {digest}"
 
@@ -426,19 +431,37 @@ def execute(plan: Plan, staging: str) -> Execution:
             ray.shutdown()
 
 
+class _Stalled(KeyboardInterrupt):
+    """Raised in the run's own thread by its stall watcher; never by a user's Ctrl+C."""
+
+
+# After a stall is declared: how long the run may take to stop before it is told again
+# (Ray Data may have been in C code), and how often at most.
+_RESEND_S = 60.0
+_SENDS = 2
+
+
+def _raise_in(thread_id: int) -> None:
+    """Raises ``_Stalled`` in thread ``thread_id`` at its next Python instruction: any thread,
+    whatever SIGINT's handler (a signal would only reach the main thread, or nothing)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_Stalled))
+
+
 def _watched(work, stats, stall_timeout: float):
     """Runs ``work`` (the Ray Data execution) in this thread and returns its result, unless
     no batch is read or predicted for ``stall_timeout`` seconds: then the run fails with one
     line saying what it waited for, instead of hanging (a lost node whose re-created
     actors hold every CPU left would otherwise wait forever).
 
-    A watcher thread interrupts this thread, as Ctrl+C would, so that Ray Data stops its own
-    execution on the way out; the execution never outlives the run (an execution left in a
-    thread could start a fresh Ray after ours was shut down, and crash at exit)."""
-    import _thread
-
+    A watcher thread raises ``_Stalled`` (a KeyboardInterrupt, as Ctrl+C would be) in this
+    thread, so that Ray Data stops its own execution on the way out: the execution never
+    outlives the run (one left in a thread could start a fresh Ray after ours was shut
+    down, and crash at exit)."""
     import ray
 
+    caller = threading.get_ident()
     lock, finished, stalled = threading.Lock(), threading.Event(), {}
     nodes_at_start = len([n for n in ray.nodes() if n.get("Alive")])
 
@@ -456,35 +479,49 @@ def _watched(work, stats, stall_timeout: float):
                 continue
             nodes = len([n for n in ray.nodes() if n.get("Alive")])
             free, total = ray.available_resources(), ray.cluster_resources()
-            with lock:
-                if finished.is_set():
+            message = (
+                f"no progress for {stall_timeout:g} s (--stall-timeout) after {max(last, 0)} "
+                f"rows read or predicted: waiting for Ray to schedule the rest, with {nodes} of "
+                f"{nodes_at_start} nodes alive and {free.get('CPU', 0):g} of "
+                f"{total.get('CPU', 0):g} CPUs free; nothing was committed"
+            )
+            for _ in range(_SENDS):
+                with lock:
+                    if finished.is_set():
+                        return
+                    stalled["message"] = message
+                    _raise_in(caller)
+                if finished.wait(_RESEND_S):
                     return
-                stalled["message"] = (
-                    f"no progress for {stall_timeout:g} s (--stall-timeout) after {max(last, 0)} "
-                    f"rows read or predicted: waiting for Ray to schedule the rest, with {nodes} of "
-                    f"{nodes_at_start} nodes alive and {free.get('CPU', 0):g} of "
-                    f"{total.get('CPU', 0):g} CPUs free; nothing was committed"
-                )
-                _thread.interrupt_main()
             return
 
     watcher = threading.Thread(target=watch, name="stall-watchdog", daemon=True)
     watcher.start()
+    received = False
     try:
-        value = work()
-        with lock:
-            finished.set()
-        while "message" in stalled:  # the interrupt is on its way: take it here
-            time.sleep(0.01)
+        try:
+            value = work()
+        except _Stalled:
+            received = True
+            raise
+        finally:
+            with lock:
+                finished.set()
+            if "message" in stalled and not received:
+                # Declared as the work ended: its exception is on its way; take it here.
+                with contextlib.suppress(_Stalled):
+                    deadline = time.monotonic() + 5
+                    while time.monotonic() < deadline:
+                        time.sleep(0.01)
+        if "message" in stalled:
+            raise RunError(stalled["message"])
         return value
-    except KeyboardInterrupt:
-        if "message" not in stalled:
-            raise  # the user's own Ctrl+C
+    except _Stalled:
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         raise RunError(stalled["message"]) from None
     finally:
-        finished.set()
-        watcher.join()
+        finished.set()  # again: an exception may have landed before the inner finally set it
+        watcher.join(timeout=15)
 
 
 def run(config: RunConfig, plan: Plan | None = None) -> Summary:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 
+from pipeline.errors import BadInputError
+
 # botocore's "standard" retry mode retries throttling (503 SlowDown), 500/502/504,
 # connection resets and read timeouts with exponential backoff and jitter.
 RETRIES = {"max_attempts": 10, "mode": "standard"}
@@ -61,10 +63,17 @@ def is_hidden(relpath: str) -> bool:
 
 
 def url_to_fs(uri: str, options: dict | None = None):
-    """fsspec's ``url_to_fs`` with the run's options for that protocol."""
+    """fsspec's ``url_to_fs`` with the run's options for that protocol.
+
+    Raises:
+        BadInputError: fsspec refuses the URI (an unknown protocol, say).
+    """
     import fsspec
 
-    return fsspec.core.url_to_fs(uri, **options_for(uri, options))
+    try:
+        return fsspec.core.url_to_fs(uri, **options_for(uri, options))
+    except (ValueError, ImportError) as e:
+        raise BadInputError(f"cannot open {redact(uri)}: {e}") from None
 
 
 def arrow_fs(uri: str, options: dict | None = None):
@@ -78,7 +87,10 @@ def arrow_fs(uri: str, options: dict | None = None):
 def open_file(uri: str, mode: str = "rb", options: dict | None = None):
     import fsspec
 
-    return fsspec.open(uri, mode, **options_for(uri, options))
+    try:
+        return fsspec.open(uri, mode, **options_for(uri, options))
+    except (ValueError, ImportError) as e:
+        raise BadInputError(f"cannot open {redact(uri)}: {e}") from None
 
 
 # A URI's secrets: "user:password@", and the query string of an HTTP(S) URL (a presigned

@@ -41,6 +41,7 @@ CASES = {
     "unknown format": (["--format", "zip"], "error: unknown format 'zip'"),
     "unknown decoder": (["--decode", "fpga"], "error: unknown decode 'fpga'; choose one of cpu, gpu"),
     "bad actors": (["--actors", "3,1"], "error: --actors needs 1 <= MIN <= MAX, got 3,1"),
+    "unknown protocol": (["--input", "s4://b/x"], "error: cannot open s4://b/x: Protocol not known: s4"),
     "bad checkpoint": (["--weights", "{tmp}/nope.pth"], "error: checkpoint not found"),
     "unknown weights": (
         ["--weights", "IMAGENET9K"],
