@@ -107,46 +107,42 @@ def _list_one(fs, path: str) -> tuple[str, dict]:
 
 
 def _list_braces(fs, uri: str, paths: list[str]) -> dict[str, tuple[str, dict]] | None:
-    """A plain brace pattern from ONE recursive listing of the folder before its first ``{``
-    (paginated LISTs on an object store, never a HEAD per name).
+    """A plain brace pattern from one listing of each folder its names are in (one LIST,
+    paginated, on an object store; never a HEAD per name), and a recursive listing of each
+    name that is a folder. Nothing else under those folders is walked.
 
     Returns expanded name → (base, entries) as ``_list_one`` would give it: a name that is a
-    folder (some listed file lies under it) → everything under it; else a listed file of
-    that name. Names that matched nothing are absent: the caller looks them up one by one
-    (an empty folder, a symbolic link, or "input not found"). None: not such a pattern
-    (globs left after expansion, a brace in the first part of the path, HTTP) or the
-    listing was refused; the caller then looks every name up as before.
+    folder → everything under it; else the listed file of that name. Names that matched
+    nothing are absent: the caller looks them up one by one (an empty folder, a symbolic
+    link, or "input not found"). None: not such a pattern (globs left after expansion, a
+    brace in the first part of the path, HTTP) or a listing was refused; the caller then
+    looks every name up as before.
     """
     if "{" not in uri or "http" in _protocols(fs):
         return None
     names = {p.rstrip("/") for p in paths}
-    if any(ch in n for n in names for ch in "*?["):
+    if any(ch in n for n in names for ch in "*?[") or not all("/" in n.lstrip("/") for n in names):
         return None
-    stripped = fs._strip_protocol(uri)
-    before = stripped[: stripped.find("{")]
-    prefix = before.rsplit("/", 1)[0] if "/" in before else ""  # b/shards for b/shards/s-{0..9}.tar
-    if not prefix or not all(n.startswith(prefix + "/") for n in names):
-        return None
+    parents: dict[str, set[str]] = {}  # b/shards → {b/shards/s-0.tar, ...}
+    for n in names:
+        parents.setdefault(n.rsplit("/", 1)[0], set()).add(n)
+    out: dict[str, tuple[str, dict]] = {}
     try:
-        listed = fs.find(prefix, detail=True)
-    except FileNotFoundError:
-        listed = {}
+        for parent, mine in parents.items():
+            try:
+                listed = fs.ls(parent, detail=True)
+            except FileNotFoundError:
+                continue
+            for d in listed:
+                name = d["name"].rstrip("/")
+                if name not in mine:
+                    continue
+                if d.get("type") == "directory":  # a folder wins, as fs.isdir does
+                    out[name] = (name, fs.find(name, detail=True))
+                else:
+                    out[name] = (parent, {name: d})
     except PermissionError:  # no right to LIST (only to GET): one lookup per name, as before
         return None
-    files: dict[str, dict] = {}  # name → its own listed entry (a plain file)
-    under: dict[str, dict] = {}  # folder name → the listed files under it
-    for p, d in listed.items():
-        if d.get("type") == "directory":
-            continue
-        if p in names and d.get("type", "file") == "file":
-            files[p] = d
-        q = p
-        while (cut := q.rfind("/")) > len(prefix):  # its folders below the prefix
-            q = q[:cut]
-            if q in names:
-                under.setdefault(q, {})[p] = d
-    out = {n: (n, entries) for n, entries in under.items()}  # a folder wins, as fs.isdir does
-    out.update({n: (n.rsplit("/", 1)[0], {n: d}) for n, d in files.items() if n not in under})
     return out
 
 

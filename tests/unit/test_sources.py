@@ -409,3 +409,31 @@ def test_read_tasks_cover_every_shard_once_and_are_made_without_ray(tmp_path):
     (task,) = ShardDatasource(shards(listing)).get_read_tasks(1)
     rows = [r for table in task() for r in table.to_pylist()]
     assert [r[C.ID] for r in rows] == [k for k, _ in wds_samples()[:5]]
+
+
+def test_a_brace_pattern_never_walks_folders_it_does_not_name(tmp_path, monkeypatch):
+    """Listing recursively from the folder above the brace walked every unrelated subtree."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.sources import listing as listing_module
+
+    walked: list[str] = []
+
+    class Recording(LocalFileSystem):
+        cachable = False
+
+        def ls(self, path, detail=False, **kwargs):
+            walked.append(self._strip_protocol(path))
+            return super().ls(path, detail=detail, **kwargs)
+
+    fs = Recording()
+    monkeypatch.setattr(listing_module, "url_to_fs", lambda uri, options=None: (fs, fs._strip_protocol(uri)))
+    big = tmp_path / "big"
+    (big / "other" / "deep").mkdir(parents=True)
+    for i in range(50):
+        (big / "other" / "deep" / f"{i}.tar").write_bytes(b"x")
+    (big / "a.tar").write_bytes(b"a")
+    (big / "b.tar").write_bytes(b"bb")
+    got = list_input(str(big / "{a,b}.tar"), "webdataset")
+    assert [u.rsplit("/", 1)[-1] for u, _ in got.files] == ["a.tar", "b.tar"]
+    assert not any("other" in p for p in walked), walked
