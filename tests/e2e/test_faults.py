@@ -155,8 +155,10 @@ def test_losing_a_node_mid_run_ends_the_run_in_bounded_time_and_a_rerun_complete
         assert time.time() - t_kill < 45 + 120
     assert len(out.ids()) == len(set(out.ids()))  # never a row twice, whatever happened
 
-    # The nightly job again, on what is left of the cluster: every input exactly once.
-    again = subprocess.run([*nightly_cmd(str(shards), out, "2026-11-26"), "--batch-size", "8"], env=env,
+    # The nightly job again, on what is left of the cluster, with the same model (another
+    # would be refused: its rows must not mix with these): every input exactly once.
+    same = ["--model", "resnet50", "--batch-size", "8"]
+    again = subprocess.run([*nightly_cmd(str(shards), out, "2026-11-26"), *same], env=env,
                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     ids = out.ids()

@@ -311,3 +311,45 @@ def test_without_ray_address_a_run_never_joins_or_waits_on_a_cluster_left_on_the
     assert "joined the Ray cluster" not in proc.stderr and "127.0.0.1:9" not in proc.stderr
     table, _ = read_output(str(tmp_path / "out"))
     assert table.num_rows == len(BROKEN)
+
+
+@pytest.mark.parametrize("where", ["main thread", "worker thread", "SIGINT ignored"])
+def test_the_stall_watchdog_stops_the_run_in_its_own_thread(ray_cluster, where):
+    """The watchdog once interrupted the main thread whatever thread the run was on, and
+    nothing at all where SIGINT was ignored: the run then hung, which it exists to prevent."""
+    import signal
+    import threading
+
+    from pipeline import efficiency
+    from pipeline.run import RunError, _watched
+
+    stats = efficiency.start_stats()
+    stop = threading.Event()
+
+    def stalled():  # an execution that makes no progress (no batch is ever told)
+        while not stop.wait(0.05):
+            pass
+
+    def watched() -> str:
+        try:
+            _watched(stalled, stats, stall_timeout=1.0)
+            return "returned"
+        except RunError as e:
+            return str(e)
+
+    results: list[str] = []
+    if where == "worker thread":
+        thread = threading.Thread(target=lambda: results.append(watched()))
+        thread.start()
+        thread.join(timeout=60)
+        stop.set()
+        assert not thread.is_alive()
+    else:
+        old = signal.getsignal(signal.SIGINT)
+        if where == "SIGINT ignored":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            results.append(watched())
+        finally:
+            signal.signal(signal.SIGINT, old)
+    assert results and results[0].startswith("no progress for 1 s (--stall-timeout) after 0 rows"), results
