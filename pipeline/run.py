@@ -420,7 +420,9 @@ def execute(plan: Plan, staging: str) -> Execution:
         snapshot = ray.get(stats.snapshot.remote())
         cpus = ray.cluster_resources().get("CPU", 0)
         report = efficiency.report(snapshot, run_start, run_end, cpus)
-        return Execution(staged.files, seconds, stage_times(ds.get_stats_summary()), staged.rows, report)
+        return Execution(
+            staged.files, seconds, stage_times(staged.executed.get_stats_summary()), staged.rows, report
+        )
     finally:
         if slots is not None and ray.is_initialized():
             from ray.util.placement_group import remove_placement_group

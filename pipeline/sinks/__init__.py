@@ -36,6 +36,7 @@ class Staged:
     files: list[str]  # the staged file paths (without protocol) that the driver sees
     rows: int  # the rows Ray Data wrote, as its write tasks counted them
     visible_rows: int  # the rows in ``files``, from their footers
+    executed: object = None  # the Ray Dataset that ran, for its stats
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,16 @@ class ParquetSink(Sink):
             dataset_uuid=uuid.uuid4().hex,
         )
         sink.stats = stats  # the run's efficiency.Stats actor: each write task tells of its rows
+        # Blocks of exactly rows_per_file rows (the last one fewer): a write task's rows were
+        # "at least" rows_per_file, so each full file came with a fragment (100,000 + 32).
+        ds = ds.repartition(target_num_rows_per_block=rows_per_file, strict=True)
         ds.write_datasink(sink)
         fs, path = url_to_fs(staging, storage_options)
         fs.invalidate_cache()
         files = sorted(p for p in fs.find(path) if p.endswith(self.extension)) if fs.exists(path) else []
         afs = arrow_fs(staging, storage_options)
         visible = sum(pq.read_metadata(f, filesystem=afs).num_rows for f in files)
-        return Staged(files, sink.rows, visible)
+        return Staged(files, sink.rows, visible, ds)
 
     def read_back(self, uri: str, storage_options: dict | None = None) -> Written:
         """Counts what a Parquet reader sees under ``uri`` (names starting with _ or . are not data),
