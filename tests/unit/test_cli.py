@@ -248,3 +248,20 @@ def test_each_setting_has_one_default_shared_by_flags_and_config_file(tmp_path):
     argv = ["run", "--config", str(tmp_path / "c.yaml"), "--input", "x", "--output", "y"]
     cfg = cli.config_from_args(parse(argv))
     assert cfg.compute.stall_timeout == 7 and cfg.storage.s3_anonymous and cfg.storage_options["s3"]["anon"]
+
+
+def test_the_readme_options_table_names_every_flag():
+    """The flags come from the config's dataclasses; the README's table is written by hand."""
+    import re
+
+    from pipeline.config import NIGHTLY_GROUPS, RUN_GROUPS, settings
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    table = readme[readme.index("### Options") : readme.index("## Speed")]
+    documented = set(re.findall(r"`(--[a-z0-9-]+)", table))
+    run_flags = {s.flag for _, cls, _ in RUN_GROUPS for s in settings(cls)} | {"--config"}
+    assert run_flags - documented == set() and documented - run_flags == set()
+    nightly_only = {s.flag for _, cls, _ in NIGHTLY_GROUPS for s in settings(cls)} - run_flags
+    nightly = readme[readme.index("## Nightly incremental runs") :]
+    assert all(flag in nightly for flag in nightly_only), nightly_only
