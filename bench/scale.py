@@ -38,7 +38,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import cli, incremental, sources  # noqa: E402
+from pipeline import cli, incremental, sinks, sources  # noqa: E402
 from pipeline import run as runner  # noqa: E402
 from pipeline.commit import Journal, Root, _apply  # noqa: E402
 from pipeline.sources.datasource import ShardDatasource  # noqa: E402
@@ -158,7 +158,7 @@ def run_size(n: int, work: str, with_before: bool) -> dict:
     step("ledger save", lambda: root.write_json(incremental.LEDGER, ledger))
     loaded = step("ledger load", lambda: root.read_json(incremental.LEDGER, {}))
     versions = {redact(u): v for u, v in listing.versions.items()}
-    visible = set(root.data_files())
+    visible = set(root.data_files(sinks.get().is_data))
     todo = step("ledger plan", lambda: incremental.plan_inputs(versions, loaded, visible, plan.fingerprint))
     assert not todo, f"{len(todo)} inputs planned on a root where every input is done"
     step("commit books", lambda: bookkeeping(loaded, versions, plan, "bench"))

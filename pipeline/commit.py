@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ConfigError
-from pipeline.storage import is_hidden, redact, url_to_fs
+from pipeline.storage import redact, url_to_fs
 
 LOCK = "_lock.json"
 STATE = "_state"
@@ -186,9 +186,9 @@ class Root:
             return []
         return [self.rel(p) for p in self.fs.find(self.path)]
 
-    def data_files(self, is_data=lambda n: n.endswith(".parquet") and not is_hidden(n)) -> list[str]:
+    def data_files(self, is_data) -> list[str]:
         """What a table reader of the root would read (relative paths): ``is_data`` is the
-        sink's (``Sink.is_data``)."""
+        sink's (``Sink.is_data``); the commit knows no file format."""
         return sorted(n for n in self.listing() if is_data(n))
 
 
