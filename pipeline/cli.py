@@ -217,7 +217,7 @@ def nightly_command(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         date = check_date(args.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"))
         print_origin()
-        result = run_nightly(config, date, args.max_error_fraction, args.backfill)
+        result = run_nightly(config, date, args.max_error_fraction, args.backfill, args.max_inputs)
         print(redact(result.message), file=sys.stderr if result.exit_code else sys.stdout)
         return result.exit_code
 

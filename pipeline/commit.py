@@ -9,13 +9,14 @@ Under an output root (Parquet readers skip every name starting with ``_`` or ``.
 A run (1) takes the lease, or refuses with one line naming its holder; (2) recovers what
 an earlier run left; (3) has Ray write everything under ``_staging-<run>/``; (4) writes the
 journal in one atomic write, which is the commit point: every file it deletes, every
-staged file it moves and where, every small file (ledger, manifests, report) and marker
-it writes; (5) applies the journal; (6) drops the journal and the staging; (7) lets the
-lease go. Each step of (5) is idempotent: deleting what is gone, moving what has arrived
-and writing the same bytes again change nothing. So a run killed anywhere is repaired by
-the next one, or by ``python -m pipeline recover OUTPUT``: before the journal exists its
-staging is dropped and readers keep the old files; once it exists the journal is applied
-again and readers get the new ones. Never neither, never both, once repaired.
+staged file it moves and where (data files; the nightly ledger's files), every small JSON
+file (manifests, report) and marker it writes; (5) applies the journal; (6) drops the
+journal and the staging; (7) lets the lease go. Each step of (5) is idempotent: deleting
+what is gone, moving what has arrived and writing the same bytes again change nothing.
+So a run killed anywhere is repaired by the next one, or by ``python -m pipeline recover
+OUTPUT``: before the journal exists its staging is dropped and readers keep the old files;
+once it exists the journal is applied again and readers get the new ones. Never neither,
+never both, once repaired.
 
 While (5) runs, a reader listing the root at that very moment can see part of the change
 (old files deleted before the new ones arrive, so never an image twice): plain files on

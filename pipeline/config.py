@@ -182,6 +182,11 @@ class NightlyConfig:
         "recompute every input whose rows another model, weights or preprocessing made "
         "(without it, such an output is refused)",
     )
+    max_inputs: int = setting(
+        0,
+        "redo at most this many inputs this night, new and changed ones first (0: all); "
+        "later nights do the rest",
+    )
 
 
 @dataclass(frozen=True)

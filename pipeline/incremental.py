@@ -6,24 +6,27 @@ Layout under ROOT (readers skip every path with a part starting with ``_`` or ``
     dt=YYYY-MM-DD/_SUCCESS              the partition's last run finished within its error budget
     dt=YYYY-MM-DD/_manifest.json        inputs, row counts, files, model, weights, preprocessing,
                                         model fingerprints, run ids
-    _state/ledger.json                  input URI → version (size:ETag|mtime), partition, files,
-                                        rows, the model fingerprint (``Plan.fingerprint``)
+    _state/ledger/dt=…/<run>.parquet    per partition, its inputs: URI → version (size:ETag|mtime),
+                                        files, rows, the model fingerprint (``pipeline.ledger``)
     _lock.json, _state/commit-*.json,   the lease, and the commit in progress (``pipeline.commit``)
     _staging-<run>/
 
 A night runs under the root's lease: it finishes whatever commit an earlier run left
 (``commit.recover``), plans the inputs that are new, changed, or whose files are gone,
 runs them into staging, and commits in one journal: the old files of every input it
-redid go, its files move into ``dt=<date>/``, and the ledger, the touched partitions'
+redid go, its files move into ``dt=<date>/``, and the touched partitions' ledger files and
 manifests and ``_SUCCESS`` are written. A run killed anywhere is finished or undone by
 the next one, so every input is in the output exactly once.
 
 A root holds the rows of one model: a night whose model, weights, preprocessing or heads
 differ from those of the inputs done is refused before any work, unless ``--backfill``
-is given, which redoes every such input with the new model in the same one-commit way.
+is given, which redoes every such input with the new model in the same one-commit way;
+with ``--max-inputs`` a night redoes at most that many, and the next nights the rest.
 
-An output file may hold rows of several inputs; when one of them changes, every input in
-that file is redone with it, so the file is replaced whole rather than rewritten.
+Replacement is in proportion to the change. An output file holds the rows of many inputs
+(``--rows-per-file``); when one of them is redone, the file is carried over without that
+input's rows (the sink's ``carry``: a copy, no model) and replaced in the same journal, so
+the other inputs keep their rows, their partition and their run id.
 """
 
 from __future__ import annotations
@@ -31,18 +34,20 @@ from __future__ import annotations
 import posixpath
 import re
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import ledger, sinks, sources
 from pipeline import run as runner
-from pipeline import sinks, sources
-from pipeline.commit import Journal, Lease, Root, commit, recover
+from pipeline.bulk import bulk
+from pipeline.commit import Journal, Lease, Root, commit, recover, staging_rel
 from pipeline.config import ConfigError, RunConfig
 from pipeline.errors import EXIT_OVER_ERROR_BUDGET
 from pipeline.storage import redact
 
-LEDGER = "_state/ledger.json"
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
 
@@ -58,111 +63,46 @@ class NightlyResult:
     errors: int = 0
 
 
-def plan_inputs(
-    versions: dict[str, str], ledger: dict, visible: set[str], fingerprint: str | None = None
-) -> set[str]:
-    """The inputs to (re)do: new, changed, done by another model than ``fingerprint``, or
-    whose committed files are gone, plus every input sharing an output file with one of those.
-
-    Entries written before fingerprints were kept have none, and count as this model's.
-    """
-    todo = {u for u, v in versions.items() if ledger.get(u, {}).get("version") != v}
-    if fingerprint:
-        todo |= {u for u, e in ledger.items() if u in versions and e.get("model", fingerprint) != fingerprint}
-    todo |= {u for u, e in ledger.items() if u in versions and not set(e["files"]) <= visible}
-    by_file = defaultdict(set)
-    for u, e in ledger.items():
-        for f in e["files"]:
-            by_file[f].add(u)
-    grow, closed = list(todo), set()  # each file is closed over once: linear in the ledger
-    while grow:
-        u = grow.pop()
-        for f in ledger.get(u, {}).get("files", []):
-            if f in closed:
-                continue
-            closed.add(f)
-            for v in by_file[f]:
-                if v not in todo and v in versions:
-                    todo.add(v)
-                    grow.append(v)
-    return todo
-
-
-def manifest(partition: str, ledger: dict, plan, run_id: str) -> dict:
-    """A partition's ``_manifest.json``, from the ledger entries that point into it.
-
-    ``ledger`` may hold only those (``manifests`` passes each partition its own).
-    """
-    inputs = {u: e for u, e in ledger.items() if e["partition"] == partition}
+def manifest(partition: str, inputs: pa.Table, plan, run_id: str) -> dict:
+    """A partition's ``_manifest.json``, from its ledger (``ledger.update``'s table of it)."""
+    t = inputs.sort_by("uri")
     return {
         "partition": partition,
-        "inputs": [{"uri": u, **inputs[u]} for u in sorted(inputs)],
-        "files": sorted({f for e in inputs.values() for f in e["files"]}),
-        "rows": sum(e["rows"] for e in inputs.values()),
-        "errors": sum(e["errors"] for e in inputs.values()),
+        "inputs": t.drop_columns(["partition"]).to_pylist(),
+        "files": sorted(pc.unique(pc.list_flatten(t["files"])).to_pylist()),
+        "rows": pc.sum(t["rows"]).as_py() or 0,
+        "errors": pc.sum(t["errors"]).as_py() or 0,
         "model": plan.weights.model if plan else None,
         "weights": plan.weights.tag if plan else None,
         "preprocessing": plan.weights.preprocessing() if plan else None,
-        "fingerprints": sorted({e["model"] for e in inputs.values() if "model" in e}),
-        "run_ids": sorted({e["run_id"] for e in inputs.values()}),
+        "fingerprints": sorted(f for f in pc.unique(t["model"]).to_pylist() if f),
+        "run_ids": sorted(pc.unique(t["run_id"]).to_pylist()),
         "last_run_id": run_id,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def manifests(partitions, ledger: dict, plan, run_id: str) -> dict[str, dict]:
-    """``manifest`` of each of ``partitions``, grouping the ledger by partition in one pass."""
-    groups: dict[str, dict] = {p: {} for p in partitions}
-    for u, e in ledger.items():
-        group = groups.get(e["partition"])
-        if group is not None:
-            group[u] = e
-    return {p: manifest(p, groups[p], plan, run_id) for p in sorted(groups)}
-
-
-def entries(
-    todo, counts: dict, moves: dict[str, str], versions: dict, partition: str, run_id: str, model: str
-) -> dict:
-    """The ledger entries of the inputs ``todo`` just done into ``partition``, in one pass
-    over ``counts`` (staged file → input → [rows, errors]) rather than one per input;
-    ``moves``: staged file → where it is committed; ``model``: the plan's fingerprint."""
-    per_input = defaultdict(list)  # input → [(committed file, rows, errors)]
-    for path, per in counts.items():
-        for u, c in per.items():
-            per_input[u].append((moves[path], c[0], c[1]))
-    done = {}
-    for u in sorted(todo):
-        mine = per_input.get(u, ())
-        done[u] = {
-            "version": versions[u],
-            "partition": partition,
-            "files": sorted(f for f, _, _ in mine),
-            "rows": sum(r for _, r, _ in mine),
-            "errors": sum(e for _, _, e in mine),
-            "run_id": run_id,
-            "model": model,
-        }
-    return done
-
-
+@bulk
 def bookkeeping(
-    ledger: dict, todo: set[str], versions: dict, counts: dict, moves: dict, partition: str, plan, run_id: str
-) -> tuple[list[str], dict[str, object]]:
-    """What a night that did ``todo`` commits, in passes linear in the ledger: the old files
-    it replaces, and the JSON it writes (the new ledger, the touched partitions' manifests).
+    book: ledger.Ledger,
+    todo,
+    versions: dict,
+    counts: pa.Table,
+    partition: str,
+    plan,
+    run_id: str,
+    renamed: dict[str, str] | None = None,
+) -> tuple[dict, dict[str, object]]:
+    """What a night that did ``todo`` commits, in passes linear in what it touched: the new
+    ledger of each touched partition, and those partitions' manifests.
 
-    ``counts``: staged file → input → [rows, errors]; ``moves``: staged file → committed path.
+    ``counts``: rows and errors per committed file and input (``ledger.entries``);
+    ``renamed``: each carried file → its new name.
     """
-    old_files = sorted({f for u in todo for f in ledger.get(u, {}).get("files", [])})
-    replaced = set(old_files)
-    new_ledger = {u: e for u, e in ledger.items() if u not in todo and replaced.isdisjoint(e["files"])}
-    touched = {partition} | {e["partition"] for u, e in ledger.items() if u not in new_ledger}
-    new_ledger.update(entries(todo, counts, moves, versions, partition, run_id, plan.fingerprint))
-    writes: dict[str, object] = {
-        f"{p}/{MANIFEST}": m for p, m in manifests(touched, new_ledger, plan, run_id).items()
-    }
-    writes[LEDGER] = new_ledger
-    return old_files, writes
+    done = ledger.entries(todo, counts, versions, partition, run_id, plan.fingerprint)
+    tables = ledger.update(book, todo, done, renamed or {}, partition)
+    writes: dict[str, object] = {f"{p}/{MANIFEST}": manifest(p, t, plan, run_id) for p, t in tables.items()}
+    return tables, writes
 
 
 def check_date(text: str) -> str:
@@ -175,29 +115,26 @@ def check_date(text: str) -> str:
     return text
 
 
-def other_models(ledger: dict, versions: dict[str, str], fingerprint: str) -> list[str]:
-    """The fingerprints, other than ``fingerprint``, of the rows of inputs still listed."""
-    return sorted(
-        {
-            e["model"]
-            for u, e in ledger.items()
-            if u in versions and e.get("model", fingerprint) != fingerprint
-        }
-    )
-
-
 def run_nightly(
-    config: RunConfig, date: str, max_error_fraction: float = 0.01, backfill: bool = False
+    config: RunConfig,
+    date: str,
+    max_error_fraction: float = 0.01,
+    backfill: bool = False,
+    max_inputs: int = 0,
 ) -> NightlyResult:
     """Processes what is new under the input into ``<output>/dt=<date>/``; see the module doc.
 
     Args:
         backfill: recompute every input whose rows another model (``Plan.fingerprint``)
             made; without it, a root holding such rows is refused before any work.
+        max_inputs: redo at most this many inputs (0: all), new and changed ones first; the
+            rest are planned again by the next night.
     """
     check_date(date)
     if not 0 <= max_error_fraction <= 1:
         raise ConfigError(f"--max-error-fraction must be within 0..1, got {max_error_fraction}")
+    if max_inputs < 0:
+        raise ConfigError(f"--max-inputs must be 0 (no limit) or more, got {max_inputs}")
     so = config.storage_options
     partition = f"dt={date}"
     listing = sources.list_input(config.source.input, config.source.format, so)
@@ -206,53 +143,77 @@ def run_nightly(
     with Lease(root, run_id) as lease:
         if recover(root):
             print("recovered the interrupted commit of an earlier run", file=sys.stderr)
-        ledger = root.read_json(LEDGER, {})
+        names = root.listing()
+        book = ledger.load(root, names)
         sink = sinks.get()
-        visible = set(root.data_files(sink.is_data))
+        visible = [n for n in names if sink.is_data(n)]
         # The ledger is keyed by the inputs' URIs as the `source` column holds them: redacted.
         real = {redact(u): u for u in listing.versions}
         versions = {key: listing.versions[u] for key, u in real.items()}
         # Weights and preprocessing are settled for the whole listing before anything runs.
         plan = runner.prepare(config, listing=listing, check_output=False)
-        others = other_models(ledger, versions, plan.fingerprint)
-        if others and not backfill:
+        planned = ledger.plan(book, versions, visible, plan.fingerprint)
+        if planned.others and not backfill:
+            others = planned.others
             raise ConfigError(
                 f"{root.uri} holds rows of {others[0]}"
                 f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}, not of "
                 f"{plan.fingerprint}; pass --backfill to recompute every input with this model"
             )
-        todo = plan_inputs(versions, ledger, visible, plan.fingerprint)
+        todo = planned.todo[:max_inputs] if max_inputs else planned.todo
+        left = len(planned.todo) - len(todo)
         if not todo:
             return NightlyResult(
-                0, f"nothing new under {config.source.input}; {len(ledger)} inputs done", partition
+                0, f"nothing new under {config.source.input}; {len(book)} inputs done", partition
             )
 
         plan = replace(plan, listing=listing.only({real[u] for u in todo}))
         ex = runner.execute(plan, sinks.staging_dir(root.uri, run_id))
-        lease.check()
 
         counts = sink.rows_per_source(ex.staged, root.uri, so)
-        moves = {p: f"{partition}/{posixpath.basename(p)}" for p in ex.staged}
-        rows = sum(c[0] for per in counts.values() for c in per.values())
-        errors = sum(c[1] for per in counts.values() for c in per.values())
+        moves = {root.rel(p): f"{partition}/{posixpath.basename(p)}" for p in ex.staged}
+        rows, errors = (pc.sum(counts[c]).as_py() or 0 for c in ("rows", "errors"))
+        committed = [moves[root.rel(p)] for p in counts["file"].to_pylist()]
+        counts = counts.set_column(0, "file", pa.array(committed, pa.string()))
         runner.check_rows(ex.rows, rows, "the staged files")
         over = bool(rows) and errors / rows > max_error_fraction
-        old_files, writes = bookkeeping(ledger, todo, versions, counts, moves, partition, plan, run_id)
+        gone, shared = ledger.shared_files(book, todo)
+        renamed = carry(root, sink, shared, set(todo), run_id, so, moves)
+        tables, writes = bookkeeping(book, todo, versions, counts, partition, plan, run_id, renamed)
+        ledger_deletes, ledger_moves = ledger.stage(root, run_id, tables, book)
         journal = Journal(
             run_id,
-            deletes=old_files,
-            moves=[(root.rel(p), dst) for p, dst in moves.items()],
+            deletes=[*gone, *shared, *ledger_deletes],
+            moves=[*moves.items(), *ledger_moves],
             writes=writes,
             markers={f"{partition}/{SUCCESS}": not over},
         )
+        lease.check()  # right before the commit point: a run taken over never commits
         commit(root, journal)
 
     base = dict(partition=partition, run_id=run_id, inputs=len(todo), rows=rows, errors=errors)
+    later = f"; {left} inputs left for later nights (--max-inputs {max_inputs})" if left else ""
     if over:
         return NightlyResult(
             EXIT_OVER_ERROR_BUDGET,
             f"{errors} of {rows} images are errors ({errors / rows:.1%}), above --max-error-fraction "
-            f"{max_error_fraction:g}: rows written, {partition}/{SUCCESS} not written",
+            f"{max_error_fraction:g}: rows written, {partition}/{SUCCESS} not written{later}",
             **base,
         )
-    return NightlyResult(0, f"{rows} rows ({errors} errors) from {len(todo)} inputs into {partition}", **base)
+    return NightlyResult(
+        0, f"{rows} rows ({errors} errors) from {len(todo)} inputs into {partition}{later}", **base
+    )
+
+
+def carry(root: Root, sink, files: list[str], drop: set[str], run_id: str, so, moves: dict) -> dict[str, str]:
+    """Stages each of ``files`` (committed, shared with inputs that keep their rows) without
+    the rows of ``drop``, under a new name in its own partition; adds the moves to ``moves``.
+    Returns each file's new name."""
+    renamed = {}
+    for i, rel in enumerate(files):
+        folder = posixpath.dirname(rel)
+        staged = f"{staging_rel(run_id)}/_carry/{folder}/{i:06d}{sink.extension}"
+        root.fs.makedirs(posixpath.dirname(root.abs(staged)), exist_ok=True)
+        sink.carry(root.abs(rel), root.abs(staged), drop, root.uri, so)
+        renamed[rel] = moves[staged] = f"{folder}/part-carried-{i:06d}-{run_id}{sink.extension}"
+    return renamed

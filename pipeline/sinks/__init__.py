@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 METADATA_PREFIX = "pipeline."
+
 REPORT_NAME = "_report.json"
 
 
@@ -68,8 +69,27 @@ class Sink(ABC):
         """Counts the rows, ok and error, that a reader sees under ``uri``."""
 
     @abstractmethod
-    def rows_per_source(self, files: list[str], uri: str, storage_options=None) -> dict:
-        """file → input URI (the ``source`` column) → [rows, errors], for the nightly ledger."""
+    def rows_per_source(self, files: list[str], uri: str, storage_options=None) -> pa.Table:
+        """Rows and error rows per file and input (the ``source`` column), for the nightly
+        ledger: a table of ``counts_schema()``."""
+
+    @abstractmethod
+    def carry(self, src: str, dst: str, drop, uri: str, storage_options=None) -> int:
+        """Writes ``src``'s rows but those of the inputs ``drop`` (``source`` values) to
+        ``dst``, with ``src``'s schema and footer metadata; returns the rows written.
+
+        How a night replaces the rows of one input in a file that others share: the file is
+        carried over, not recomputed, so a changed input redoes that input alone.
+        """
+
+
+def counts_schema() -> pa.Schema:
+    """What ``Sink.rows_per_source`` returns: one row per file and input in it."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [("file", pa.string()), ("source", pa.string()), ("rows", pa.int64()), ("errors", pa.int64())]
+    )
 
 
 def get(name: str = "parquet") -> Sink:

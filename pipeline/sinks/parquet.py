@@ -10,7 +10,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from pipeline import columns as C
-from pipeline.sinks import Sink, Staged, Written
+from pipeline.sinks import Sink, Staged, Written, counts_schema
 from pipeline.storage import arrow_fs, url_to_fs
 
 if TYPE_CHECKING:
@@ -68,20 +68,46 @@ class ParquetSink(Sink):
             rows, errors = rows + n, errors + e
         return Written(tuple(fs.unstrip_protocol(p) for p in files), rows, rows - errors, errors)
 
-    def rows_per_source(self, files: list[str], uri: str, storage_options=None) -> dict:
+    def rows_per_source(self, files: list[str], uri: str, storage_options=None):
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         fs = arrow_fs(uri, storage_options)
-        out = {}
+        parts = []
         for path in files:
             t = pq.read_table(path, columns=[C.SOURCE, C.STATUS], filesystem=fs)
-            counts: dict[str, list[int]] = {}
-            for src, status in zip(t[C.SOURCE].to_pylist(), t[C.STATUS].to_pylist(), strict=True):
-                c = counts.setdefault(src, [0, 0])
-                c[0] += 1
-                c[1] += status != C.STATUS_OK
-            out[path] = counts
-        return out
+            bad = pc.cast(pc.not_equal(t[C.STATUS], C.STATUS_OK), pa.int64())
+            g = (
+                pa.table({"source": t[C.SOURCE], "bad": bad})
+                .group_by("source")
+                .aggregate([("bad", "count"), ("bad", "sum")])
+            )
+            parts.append(
+                pa.table({"file": pa.array([path] * g.num_rows, pa.string()), "source": g["source"],
+                          "rows": g["bad_count"].cast(pa.int64()), "errors": g["bad_sum"].cast(pa.int64())})
+            )  # fmt: skip
+        return pa.concat_tables(parts) if parts else counts_schema().empty_table()
+
+    def carry(self, src: str, dst: str, drop, uri: str, storage_options=None) -> int:
+        """Streams ``src`` a row group at a time: the driver holds one, whatever the file's size."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        fs = arrow_fs(uri, storage_options)
+        dropped = pa.array(sorted(drop), pa.string())
+        kept = 0
+        with fs.open_input_file(src) as raw:
+            f = pq.ParquetFile(raw)
+            with pq.ParquetWriter(dst, f.schema_arrow, filesystem=fs, compression=COMPRESSION) as out:
+                for g in range(f.num_row_groups):
+                    t = f.read_row_group(g)
+                    t = t.filter(pc.invert(pc.is_in(t[C.SOURCE], value_set=dropped)))
+                    if t.num_rows:
+                        out.write_table(t)
+                        kept += t.num_rows
+        return kept
 
 
 def _footer_counts(path: str, filesystem) -> tuple[int, int]:

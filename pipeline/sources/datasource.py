@@ -17,6 +17,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import efficiency
+from pipeline.bulk import bulk
 from pipeline.sources.base import Shard
 from pipeline.sources.registry import read_shard
 
@@ -53,6 +54,7 @@ class ShardDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(s.size for s in self._shards)
 
+    @bulk
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         tasks = tasks_for(len(self._shards), parallelism)
         out = []

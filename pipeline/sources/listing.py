@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from pipeline.bulk import bulk
 from pipeline.sources.base import Format, InputError, Shard, has_ext
 from pipeline.sources.registry import AUTO, formats, lookup
 from pipeline.storage import is_hidden, url_to_fs
@@ -45,6 +46,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for opt in options for p in expand_braces(head + opt + tail)]
 
 
+@bulk
 def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -> Listing:
     """Lists the input files and settles the format.
 
@@ -181,6 +183,7 @@ def _nouns(fmts, word: str) -> str:
     return f"{', '.join(nouns[:-1])} {word} {nouns[-1]}" if len(nouns) > 1 else nouns[0]
 
 
+@bulk
 def shards(listing: Listing) -> list[Shard]:
     """Groups the listing into read units: one per container file, chunks of loose files."""
     if lookup(listing.format).container:

@@ -51,7 +51,7 @@ def test_two_nightly_jobs_on_one_output_at_once(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     ids = out.ids()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
-    assert len(out.read_json("_state/ledger.json")) == 2
+    assert len(out.ledger()) == 2
     assert not out.exists("_lock.json")
 
 

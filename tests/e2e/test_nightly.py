@@ -79,6 +79,26 @@ class Output:
         with self.fs.open_input_stream(f"{self.path}/{rel}") as f:
             return json.loads(f.read())
 
+    def ledger(self) -> dict[str, dict]:
+        """The nightly ledger, as any Parquet reader sees it: input URI → entry."""
+        files = [
+            f"{self.path}/{n}"
+            for n in self.names()
+            if n.startswith("_state/ledger/") and n.endswith(".parquet")
+        ]
+        rows = pq.read_table(files, filesystem=self.fs).to_pylist() if files else []
+        return {r.pop("uri"): r for r in rows}
+
+    def rows_of(self, name: str) -> dict[str, tuple]:
+        """id → (embedding, file) of the rows of input ``<name>.tar``."""
+        out = {}
+        for n in self.visible():
+            t = pq.read_table(f"{self.path}/{n}", columns=["id", "source", "embedding"], filesystem=self.fs)
+            for i, src, emb in zip(*(t[c].to_pylist() for c in ("id", "source", "embedding")), strict=True):
+                if src.endswith(f"/{name}.tar"):
+                    out[i] = (emb, n)
+        return out
+
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(f"{self.path}/{rel}").type != pafs.FileType.NotFound
 
@@ -188,13 +208,25 @@ def test_two_nights_rerun_and_changed_shard(tmp_path, out, s3_server, night):
     assert proc.executions == 0  # no Ray Data run, no model actor
 
     # Shard a changes (4 samples now, other pixels): its old rows go, the new ones land once.
+    # It shared night one's output file with b: b is not redone, its rows are carried over
+    # (the same values, in its own partition), and only a runs through the model.
+    b_before = out.rows_of("b")
     expected = (expected - {f"a/{i:03d}" for i in range(3)}) | make_shard(shards, "a", 4, 100)
-    night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
+    changed = night(str(shards), out, "2026-11-26", s3_endpoint=s3_server)
+    assert "from 1 inputs" in changed.stdout, changed.stdout
     ids = out.ids()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
-    # a and b shared night one's output file, so b was redone with a and moved along.
-    assert out.read_json("dt=2026-11-24/_manifest.json")["rows"] == 0
-    assert out.read_json("dt=2026-11-26/_manifest.json")["rows"] == 4 + 3
+    b_after = out.rows_of("b")
+    assert {i: e for i, (e, _) in b_after.items()} == {i: e for i, (e, _) in b_before.items()}
+    assert {f for _, f in b_before.values()} != {f for _, f in b_after.values()}  # carried: a new file
+    assert all(f.startswith("dt=2026-11-24/") for _, f in b_after.values())
+    assert out.read_json("dt=2026-11-24/_manifest.json")["rows"] == 3
+    assert out.read_json("dt=2026-11-26/_manifest.json")["rows"] == 4
+    book = out.ledger()
+    assert {u.rsplit("/", 1)[-1]: e["partition"] for u, e in book.items()} == {
+        "a.tar": "dt=2026-11-26", "b.tar": "dt=2026-11-24", "c.tar": "dt=2026-11-25"
+    }  # fmt: skip
+    assert all(set(e["files"]) <= set(out.visible()) for e in book.values())
     # Downstream readers: pyarrow with Hive partitions sees dt as a column.
     table = pads.dataset(out.path, filesystem=out.fs, format="parquet", partitioning="hive",
                          exclude_invalid_files=True).to_table(columns=["id", "dt"])  # fmt: skip
@@ -217,19 +249,30 @@ def test_another_model_is_refused_then_backfilled_exactly_once(tmp_path, out, s3
     assert line.startswith("error: ") and "holds rows of resnet18 none" in line and "--backfill" in line
     assert sorted(out.names()) == before  # nothing written, nothing deleted
 
-    night(str(shards), out, "2026-11-25", "--model", "resnet34", "--backfill", s3_endpoint=s3_server)
+    # In bounded batches: one input this night, the other the next one, each exactly once.
+    args = ("--model", "resnet34", "--backfill", "--max-inputs", "1")
+    first = night(str(shards), out, "2026-11-25", *args, s3_endpoint=s3_server)
+    assert "from 1 inputs" in first.stdout and "1 inputs left for later nights" in first.stdout
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert sorted(e["model"].split()[0] for e in out.ledger().values()) == ["resnet18", "resnet34"]
+    refused = night(str(shards), out, "2026-11-26", "--model", "resnet34", s3_endpoint=s3_server, check=False)
+    assert refused.returncode == 2 and "holds rows of resnet18" in refused.stderr  # a backfill under way
+    second = night(str(shards), out, "2026-11-26", *args, s3_endpoint=s3_server)
+    assert "from 1 inputs" in second.stdout and "left for later" not in second.stdout
+
     files = [f"{out.path}/{n}" for n in out.visible()]
     table = pq.read_table(files, columns=["id", "model"], filesystem=out.fs)
     ids = table["id"].to_pylist()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
     assert set(table["model"].to_pylist()) == {"resnet34"}
-    ledger = out.read_json("_state/ledger.json")
+    ledger = out.ledger()
     assert {e["model"].split()[0] for e in ledger.values()} == {"resnet34"}
-    assert out.read_json("dt=2026-11-25/_manifest.json")["fingerprints"] == [
+    assert out.read_json("dt=2026-11-26/_manifest.json")["fingerprints"] == [
         next(iter(ledger.values()))["model"]
     ]
 
-    again = night(str(shards), out, "2026-11-26", "--model", "resnet34", s3_endpoint=s3_server)
+    again = night(str(shards), out, "2026-11-27", "--model", "resnet34", s3_endpoint=s3_server)
     assert "nothing new" in again.stdout and again.executions == 0
 
 
@@ -333,6 +376,45 @@ def test_sigkill_of_a_model_actor_loses_and_duplicates_nothing(tmp_path, command
     assert proc.returncode == 0, output[-3000:]
     ids = out.ids()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+
+
+def test_a_carry_commit_that_fails_midway_is_finished_by_the_next_night(tmp_path, night, monkeypatch):
+    """A changed input's shared file is carried over in the night's one journal. The store
+    fails after the old file is deleted and one file has moved in: the night fails, no image
+    is seen twice meanwhile, and the next night finishes the commit: every image once."""
+    import pipeline.commit
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    out = Output(str(tmp_path / "features"), None)
+    expected = make_shard(shards, "a", 3, 0) | make_shard(shards, "b", 3, 10)
+    night(str(shards), out, "2026-11-24")
+    b_rows = out.rows_of("b")
+    expected = (expected - {f"a/{i:03d}" for i in range(3)}) | make_shard(shards, "a", 2, 100)
+
+    move_in, moved = pipeline.commit.Root.move_in, []
+
+    def failing(self, src, dst, makedirs=True):
+        if moved:
+            raise OSError("the store went away")
+        moved.append(dst)
+        return move_in(self, src, dst, makedirs)
+
+    monkeypatch.setattr(pipeline.commit.Root, "move_in", failing)
+    failed = night(str(shards), out, "2026-11-25", check=False)
+    assert failed.returncode == 1 and "the store went away" in failed.stderr, failed.stderr[-2000:]
+    ids = out.ids()
+    assert len(ids) == len(set(ids)) and len(ids) < len(expected)  # part of the change, never twice
+    monkeypatch.setattr(pipeline.commit.Root, "move_in", move_in)
+
+    after = night(str(shards), out, "2026-11-26")
+    assert "recovered the interrupted commit" in after.stderr and "nothing new" in after.stdout
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert {i: e for i, (e, _) in out.rows_of("b").items()} == {i: e for i, (e, _) in b_rows.items()}
+    assert {u.rsplit("/", 1)[-1]: e["partition"] for u, e in out.ledger().items()} == {
+        "a.tar": "dt=2026-11-25", "b.tar": "dt=2026-11-24"
+    }  # fmt: skip
 
 
 def test_error_budget(tmp_path, night):

@@ -34,3 +34,37 @@ def test_read_back_counts_rows_and_errors(tmp_path, statistics):
 def test_an_unknown_output_format_is_one_line():
     with pytest.raises(sinks.OutputError, match="unknown output format 'delta'; choose one of parquet"):
         sinks.get("delta")
+
+
+def test_carry_keeps_the_other_inputs_rows_schema_and_footer(tmp_path):
+    """How a changed input is replaced in a file it shares: the others' rows, copied as they are."""
+    n = 10
+    table = rows(n, {3}).append_column(C.SOURCE, pa.array([f"s3://b/{k % 3}.tar" for k in range(n)]))
+    table = table.replace_schema_metadata({b"pipeline.model": b"resnet18"})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=4)
+    sink = sinks.get("parquet")
+    kept = sink.carry(
+        str(tmp_path / "f.parquet"), str(tmp_path / "g.parquet"), {"s3://b/1.tar"}, str(tmp_path)
+    )
+    out = pq.read_table(tmp_path / "g.parquet")
+    assert kept == out.num_rows == 7
+    assert out[C.ID].to_pylist() == [f"i{k}" for k in range(n) if k % 3 != 1]
+    assert out.schema == table.schema and out.schema.metadata[b"pipeline.model"] == b"resnet18"
+    written = sink.read_back(str(tmp_path))  # both files: f (10 rows, 1 error) and g (7, 1)
+    assert (written.rows, written.errors) == (17, 2)
+
+
+def test_rows_per_source_counts_each_input_in_each_file(tmp_path):
+    sink = sinks.get("parquet")
+    paths = []
+    for name, n in (("f", 10), ("g", 4)):
+        t = rows(n, {0, 3}).append_column(C.SOURCE, pa.array([f"s{k % 2}" for k in range(n)]))
+        pq.write_table(t, tmp_path / f"{name}.parquet")
+        paths.append(str(tmp_path / f"{name}.parquet"))
+    got = sink.rows_per_source(paths, str(tmp_path)).sort_by([("file", "ascending"), ("source", "ascending")])
+    assert got.schema == sinks.counts_schema()
+    assert [(r["file"][-9:], r["source"], r["rows"], r["errors"]) for r in got.to_pylist()] == [
+        ("f.parquet", "s0", 5, 1), ("f.parquet", "s1", 5, 1),
+        ("g.parquet", "s0", 2, 1), ("g.parquet", "s1", 2, 1),
+    ]  # fmt: skip
+    assert sink.rows_per_source([], str(tmp_path)).num_rows == 0
