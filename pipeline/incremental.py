@@ -151,7 +151,7 @@ def run_nightly(
         real = {redact(u): u for u in listing.versions}
         versions = {key: listing.versions[u] for key, u in real.items()}
         # Weights and preprocessing are settled for the whole listing before anything runs.
-        plan = runner.prepare(config, listing=listing, check_output=False)
+        plan = runner.prepare(config, listing=listing, check_output=False, load_weights=False)
         planned = ledger.plan(book, versions, visible, plan.fingerprint)
         if planned.others and not backfill:
             others = planned.others
@@ -167,6 +167,7 @@ def run_nightly(
                 0, f"nothing new under {config.source.input}; {len(book)} inputs done", partition
             )
 
+        plan.weights.state_dict  # noqa: B018  (loaded now that there is work: one line if missing)
         plan = replace(plan, listing=listing.only({real[u] for u in todo}))
         ex = runner.execute(plan, sinks.staging_dir(root.uri, run_id))
 

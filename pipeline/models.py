@@ -8,9 +8,11 @@ and no credentials for the checkpoint's bucket.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -43,12 +45,18 @@ class ResolvedWeights:
 
     model: str
     tag: str  # the `weights` column: a torchvision weights name, "sha256:<hex>", or "none"
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
     transforms: ImageClassification
     categories: list[str]
     num_classes: int
     embedding_dim: int
     pretrained_source: str  # where the numbers came from, for the run's metadata
+    load: Callable[[], dict[str, torch.Tensor]] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors, loaded on first use: a model-zoo file is read (or downloaded) only
+        when a run has work for it, so a nightly run with nothing new needs no network."""
+        return self.load()
 
     def preprocessing(self) -> dict:
         t = self.transforms
@@ -230,41 +238,50 @@ def resolve(
         k: v for k, v in (("resize_size", resize_size), ("crop_size", crop_size)) if v is not None
     }
     if weights == "none":
-        state_dict = build(model).state_dict()
         tag, source = "none", f"random initialisation (torch.manual_seed({RANDOM_SEED}))"
         transforms = _checkpoint_transforms(**size_overrides)
+        load, num_classes = (lambda: build(model).state_dict()), 1000
     elif is_checkpoint(weights):
         data = _read_bytes(weights, storage_options)
         state_dict = _load_state_dict(weights, data)
         tag, source = f"sha256:{hashlib.sha256(data).hexdigest()}", redact(weights)
         transforms = _checkpoint_transforms(**size_overrides)
+        load, num_classes = (lambda: state_dict), _check_against_architecture(model, state_dict, weights)
     else:
+        # The model zoo's file is read when the tensors are first needed (``state_dict``);
+        # what the rows depend on (name, preprocessing, classes) is known from its entry.
         entry = torchvision_weights(model, weights)
-        try:
-            state_dict = entry.get_state_dict(progress=False, check_hash=True)
-        except Exception as e:
-            raise WeightsError(
-                f"cannot load {entry} ({type(e).__name__}: {e}); without network, put "
-                f"{os.path.basename(hub_cache_file(entry))} into {os.path.dirname(hub_cache_file(entry))} "
-                "(TORCH_HOME) or pass a checkpoint path/URI"
-            ) from None
         tag, source = str(entry), entry.url
         transforms = entry.transforms(**size_overrides)
         known_categories = list(entry.meta["categories"])
+        load, num_classes = functools.partial(_zoo_state_dict, model, entry), len(known_categories)
 
-    num_classes = _check_against_architecture(model, state_dict, weights)
-    embedding_dim = int(state_dict["fc.weight"].shape[1])
+    with torch.device("meta"):  # the architecture's shapes, without allocating it
+        embedding_dim = int(tvm.get_model(model, weights=None, num_classes=num_classes).fc.in_features)
     categories = _categories(num_classes, labels, storage_options, known_categories)
     return ResolvedWeights(
         model=model,
         tag=tag,
-        state_dict=state_dict,
         transforms=transforms,
         categories=categories,
         num_classes=num_classes,
         embedding_dim=embedding_dim,
         pretrained_source=source,
+        load=load,
     )
+
+
+def _zoo_state_dict(model: str, entry: tvm.WeightsEnum) -> dict[str, torch.Tensor]:
+    try:
+        state_dict = entry.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:
+        raise WeightsError(
+            f"cannot load {entry} ({type(e).__name__}: {e}); without network, put "
+            f"{os.path.basename(hub_cache_file(entry))} into {os.path.dirname(hub_cache_file(entry))} "
+            "(TORCH_HOME) or pass a checkpoint path/URI"
+        ) from None
+    _check_against_architecture(model, state_dict, str(entry))
+    return state_dict
 
 
 def _checkpoint_transforms(

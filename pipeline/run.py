@@ -122,12 +122,19 @@ def stage_times(summary) -> dict[str, float]:
     return out
 
 
-def prepare(config: RunConfig, listing: sources.Listing | None = None, check_output: bool = True) -> Plan:
+def prepare(
+    config: RunConfig,
+    listing: sources.Listing | None = None,
+    check_output: bool = True,
+    load_weights: bool = True,
+) -> Plan:
     """Validates input, output and weights, cheapest first; no Ray, no model built.
 
     Args:
         listing: an input listing already made (incremental runs pass the new files only).
         check_output: refuse a non-empty output (incremental runs own theirs).
+        load_weights: load the weights' tensors now (a model-zoo file from the torch hub
+            cache, or downloaded); incremental runs wait until they know there is work.
 
     Raises:
         ValueError (InputError, OutputError, WeightsError, ConfigError): one line each.
@@ -136,6 +143,8 @@ def prepare(config: RunConfig, listing: sources.Listing | None = None, check_out
     listing = listing or sources.list_input(config.source.input, config.source.format, so)
     m = config.model
     weights = models.resolve(m.name, m.weights, m.labels, m.resize_size, m.crop_size, so)
+    if load_weights:
+        weights.state_dict  # noqa: B018  (loads them: a missing file is one line, before Ray)
     precision = resolve_precision(m.precision, _device(config))
     if check_output:
         sinks.check_output(config.sink.output, config.sink.overwrite, so)

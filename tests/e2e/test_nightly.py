@@ -417,6 +417,41 @@ def test_a_carry_commit_that_fails_midway_is_finished_by_the_next_night(tmp_path
     }  # fmt: skip
 
 
+def test_a_night_with_nothing_new_needs_no_weights_file(tmp_path, night, monkeypatch):
+    """The model zoo's file is loaded once a night has work: offline, with the torch hub
+    cache gone, a night with nothing new still exits 0; one with work fails in one line."""
+    import torch
+    from torchvision import models as tvm
+
+    from pipeline import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = models.hub_cache_file(tvm.ResNet18_Weights.IMAGENET1K_V1)
+    os.makedirs(os.path.dirname(cache))
+    torch.save(models.build("resnet18").state_dict(), cache)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected = make_shard(shards, "a", 2, 0)
+    out = Output(str(tmp_path / "features"), None)
+    night(str(shards), out, "2026-11-24", "--weights", "IMAGENET1K_V1")
+
+    os.remove(cache)
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # the internet, not our code
+    again = night(str(shards), out, "2026-11-25", "--weights", "IMAGENET1K_V1")
+    assert "nothing new" in again.stdout and again.executions == 0
+    before = sorted(out.names())
+    make_shard(shards, "b", 2, 10)
+    work = night(str(shards), out, "2026-11-25", "--weights", "IMAGENET1K_V1", check=False)
+    line = work.stderr.strip().splitlines()[-1]
+    assert work.returncode == 2 and work.executions == 0, work.stderr[-2000:]
+    assert line.startswith("error: cannot load ResNet18_Weights.IMAGENET1K_V1") and "TORCH_HOME" in line
+    assert sorted(out.names()) == before and sorted(out.ids()) == sorted(expected)
+
+
 def test_error_budget(tmp_path, night):
     shards = tmp_path / "shards"
     shards.mkdir()
