@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -171,15 +172,25 @@ AWS_TEST_ENV = {
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray per test module, with 2 CPUs like the machines it must fit."""
+    import psutil
     import ray
 
     os.environ.update(AWS_TEST_ENV)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray
     finally:
+        # Its processes, taken while they are still our descendants: once the raylet is
+        # gone a worker belongs to init. One was seen to outlive ray.shutdown() (a model
+        # actor's process, 1 GB, idle for good); whatever is left after 10 s is ended here.
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         ray.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
 
 @pytest.fixture(scope="session")
