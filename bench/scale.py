@@ -164,8 +164,8 @@ def run_size(n: int, work: str, with_before: bool) -> dict:
 
     def step(name, fn):
         secs, mib, value = measure(fn)
-        r[name] = {"s": round(secs, 3), "rss_mib": round(mib, 1)}
-        print(f"  {name:<16} {secs:8.2f} s  {mib:+8.1f} MiB", flush=True)
+        r[name] = {"s": round(secs, 4), "rss_mib": round(mib, 1)}
+        print(f"  {name:<16} {secs:8.3f} s  {mib:+8.1f} MiB", flush=True)
         return value
 
     listing = step("listing", lambda: sources.list_input(pattern, "webdataset"))
