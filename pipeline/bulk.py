@@ -7,6 +7,9 @@ again over every object alive, so the step grew faster than linearly: at 100k in
 building the read tasks took 0.63 s with it and 0.13 s without, the nightly bookkeeping
 1.43 s and 0.60 s (``make bench-scale``, bench/README.md). Pausing it during such steps
 (as ``json.loads`` or pickle users commonly do) keeps them linear; it runs again after.
+
+Only for steps that compute: not around network I/O (the listing of a bucket), whose
+client libraries make cyclic garbage per request that would pile up meanwhile.
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for opt in options for p in expand_braces(head + opt + tail)]
 
 
-@bulk
 def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -> Listing:
     """Lists the input files and settles the format.
 
