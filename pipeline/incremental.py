@@ -64,18 +64,25 @@ class NightlyResult:
 
 
 def manifest(partition: str, inputs: pa.Table, plan, run_id: str) -> dict:
-    """A partition's ``_manifest.json``, from its ledger (``ledger.update``'s table of it)."""
+    """A partition's ``_manifest.json``, from its ledger (``ledger.update``'s table of it).
+
+    ``model``, ``weights`` and ``preprocessing`` are the night's when every row of the
+    partition is of its model, and None when some are another's (a backfill under way, in
+    a partition whose files were carried over); ``fingerprints`` names them all.
+    """
     t = inputs.sort_by("uri")
+    prints = sorted(f for f in pc.unique(t["model"]).to_pylist() if f)
+    ours = plan is not None and all(f == plan.fingerprint for f in prints)
     return {
         "partition": partition,
         "inputs": t.drop_columns(["partition"]).to_pylist(),
         "files": sorted(pc.unique(pc.list_flatten(t["files"])).to_pylist()),
         "rows": pc.sum(t["rows"]).as_py() or 0,
         "errors": pc.sum(t["errors"]).as_py() or 0,
-        "model": plan.weights.model if plan else None,
-        "weights": plan.weights.tag if plan else None,
-        "preprocessing": plan.weights.preprocessing() if plan else None,
-        "fingerprints": sorted(f for f in pc.unique(t["model"]).to_pylist() if f),
+        "model": plan.weights.model if ours else None,
+        "weights": plan.weights.tag if ours else None,
+        "preprocessing": plan.weights.preprocessing() if ours else None,
+        "fingerprints": prints,
         "run_ids": sorted(pc.unique(t["run_id"]).to_pylist()),
         "last_run_id": run_id,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -178,7 +185,7 @@ def run_nightly(
         counts = counts.set_column(0, "file", pa.array(committed, pa.string()))
         runner.check_rows(ex.rows, rows, "the staged files")
         over = bool(rows) and errors / rows > max_error_fraction
-        gone, shared = ledger.shared_files(book, todo)
+        gone, shared = ledger.shared_files(book, todo, visible)
         renamed = carry(root, sink, shared, set(todo), run_id, so, moves)
         tables, writes = bookkeeping(book, todo, versions, counts, partition, plan, run_id, renamed)
         ledger_deletes, ledger_moves = ledger.stage(root, run_id, tables, book)

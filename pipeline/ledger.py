@@ -95,7 +95,9 @@ def load(root: Root, names: list[str] | None = None) -> Ledger:
     by_partition: dict[str, list[str]] = defaultdict(list)
     for n in parts:
         by_partition[posixpath.basename(posixpath.dirname(n))].append(n)
-    table = pq.read_table([root.abs(n) for n in parts], filesystem=root.fs, schema=SCHEMA)
+    # partitioning=None: a root under a key=value folder (".../model=resnet50/") must not
+    # have that value read into every row's column of the same name.
+    table = pq.read_table([root.abs(n) for n in parts], filesystem=root.fs, schema=SCHEMA, partitioning=None)
     if pc.count_distinct(table["uri"]).as_py() != table.num_rows:
         raise RunFailedError(
             f"the ledger under {root.uri}/{FOLDER} holds an input twice; run `recover` first"
@@ -109,7 +111,7 @@ class Planned:
 
     redo: list[str]  # new, changed, or whose files are gone: the night's own work
     backfill: list[str]  # listed, unchanged, done by another model
-    others: list[str]  # the fingerprints of those other models
+    others: list[str]  # the fingerprints of other models that made rows of listed inputs
 
     @property
     def todo(self) -> list[str]:
@@ -137,19 +139,25 @@ def plan(ledger: Ledger, versions: dict[str, str], visible, fingerprint: str | N
     redo = pc.or_(changed, lost_files)
     model = ledger.column("model").take(at)
     if fingerprint:
-        other = pc.and_(pc.invert(redo), pc.fill_null(pc.not_equal(model, fingerprint), False))
+        other = pc.fill_null(pc.not_equal(model, fingerprint), False)
     else:
         other = pa.array(np.zeros(len(uris), dtype=bool))
     return Planned(
         redo=sorted(uris.filter(redo).to_pylist()),
-        backfill=sorted(uris.filter(other).to_pylist()),
+        backfill=sorted(uris.filter(pc.and_(pc.invert(redo), other)).to_pylist()),
+        # Changed inputs too: a night of another model is refused even if all it would
+        # redo changed, so that two models' rows never mix without --backfill.
         others=sorted(pc.unique(model.filter(other)).to_pylist()),
     )
 
 
-def shared_files(ledger: Ledger, todo) -> tuple[list[str], list[str]]:
+def shared_files(ledger: Ledger, todo, visible) -> tuple[list[str], list[str]]:
     """The committed files of the inputs ``todo``: (those only they have rows in, which go,
-    those other inputs have rows in too, which are carried over without the rows of ``todo``)."""
+    those other inputs have rows in too, which are carried over without the rows of ``todo``).
+
+    A shared file that is not ``visible`` (gone) is in neither: there is nothing to carry,
+    and the other inputs that had rows in it are redone by ``plan`` when they are listed.
+    """
     todo_set = pa.array(sorted(todo), pa.string())
     mine = pc.is_in(ledger.column("uri"), value_set=todo_set)
     files = ledger.column("files")
@@ -159,8 +167,8 @@ def shared_files(ledger: Ledger, todo) -> tuple[list[str], list[str]]:
     flat, parents = pc.list_flatten(files), pc.list_parent_indices(files)
     of_others = pc.invert(mine.take(parents))
     kept = pc.unique(flat.filter(pc.and_(of_others, pc.is_in(flat, value_set=old))))
-    carry = set(kept.to_pylist())
-    return sorted(f for f in old.to_pylist() if f not in carry), sorted(carry)
+    shared = set(kept.to_pylist())
+    return sorted(f for f in old.to_pylist() if f not in shared), sorted(shared & set(visible))
 
 
 def update(

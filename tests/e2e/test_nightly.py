@@ -73,7 +73,7 @@ class Output:
         files = [f"{self.path}/{n}" for n in self.visible()]
         if not files:
             return []
-        return pq.read_table(files, columns=["id"], filesystem=self.fs)["id"].to_pylist()
+        return pq.read_table(files, columns=["id"], filesystem=self.fs, partitioning=None)["id"].to_pylist()
 
     def read_json(self, rel: str) -> dict:
         with self.fs.open_input_stream(f"{self.path}/{rel}") as f:
@@ -86,7 +86,7 @@ class Output:
             for n in self.names()
             if n.startswith("_state/ledger/") and n.endswith(".parquet")
         ]
-        rows = pq.read_table(files, filesystem=self.fs).to_pylist() if files else []
+        rows = pq.read_table(files, filesystem=self.fs, partitioning=None).to_pylist() if files else []
         return {r.pop("uri"): r for r in rows}
 
     def rows_of(self, name: str) -> dict[str, tuple]:
@@ -256,6 +256,9 @@ def test_another_model_is_refused_then_backfilled_exactly_once(tmp_path, out, s3
     ids = out.ids()
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
     assert sorted(e["model"].split()[0] for e in out.ledger().values()) == ["resnet18", "resnet34"]
+    # b's rows, carried over in night one's partition, are still resnet18's: no model named.
+    carried = out.read_json("dt=2026-11-24/_manifest.json")
+    assert carried["model"] is None and [f.split()[0] for f in carried["fingerprints"]] == ["resnet18"]
     refused = night(str(shards), out, "2026-11-26", "--model", "resnet34", s3_endpoint=s3_server, check=False)
     assert refused.returncode == 2 and "holds rows of resnet18" in refused.stderr  # a backfill under way
     second = night(str(shards), out, "2026-11-26", *args, s3_endpoint=s3_server)
@@ -450,6 +453,30 @@ def test_a_night_with_nothing_new_needs_no_weights_file(tmp_path, night, monkeyp
     assert work.returncode == 2 and work.executions == 0, work.stderr[-2000:]
     assert line.startswith("error: cannot load ResNet18_Weights.IMAGENET1K_V1") and "TORCH_HOME" in line
     assert sorted(out.names()) == before and sorted(out.ids()) == sorted(expected)
+
+
+def test_a_lost_shared_file_is_not_carried_and_its_inputs_are_redone(tmp_path, night):
+    """A and b share an output file, which is lost. a alone fits in the night (--max-inputs
+    1): there is no file to carry b's rows from, so b is redone the next night. The root
+    sits under key=value folders, which pyarrow must not read into the ledger's columns."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected = make_shard(shards, "a", 3, 0) | make_shard(shards, "b", 3, 10)
+    out = Output(str(tmp_path / "model=resnet18" / "partition=x" / "features"), None)
+    night(str(shards), out, "2026-11-24")
+    (shared,) = out.visible()
+    os.remove(f"{out.path}/{shared}")
+
+    first = night(str(shards), out, "2026-11-25", "--max-inputs", "1")
+    assert "from 1 inputs" in first.stdout and "1 inputs left for later nights" in first.stdout
+    second = night(str(shards), out, "2026-11-26")
+    assert "from 1 inputs" in second.stdout
+    ids = out.ids()
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    book = out.ledger()
+    assert {e["model"].split()[0] for e in book.values()} == {"resnet18"}
+    assert all(set(e["files"]) <= set(out.visible()) for e in book.values())
+    assert "nothing new" in night(str(shards), out, "2026-11-27").stdout
 
 
 def test_error_budget(tmp_path, night):

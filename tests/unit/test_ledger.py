@@ -62,18 +62,30 @@ def test_plan_backfills_the_inputs_of_another_model_and_names_it():
     assert planned.others == ["resnet18 none 111"] and planned.todo == ["new.tar", "a.tar", "d.tar"]
     planned = ledger.plan(book(entries), versions, files, "resnet18 none 111")
     assert (planned.backfill, planned.others) == (["b.tar"], ["resnet50 none 222"])
+    # Changed inputs of another model name it too: such a night is refused, not mixed in.
+    changed = {**versions, "a.tar": "2", "d.tar": "2"}
+    planned = ledger.plan(book(entries), changed, files, "resnet50 none 222")
+    assert (planned.redo, planned.backfill) == (["a.tar", "d.tar", "new.tar"], [])
+    assert planned.others == ["resnet18 none 111"]
 
 
 def test_shared_files_are_carried_and_files_of_the_redone_alone_go():
+    visible = {f"dt=1/f{i}.parquet" for i in (1, 2, 3)}
     entries = {
         "a": entry("1", ["dt=1/f1.parquet", "dt=1/f2.parquet"]),  # spans two files
         "b": entry("1", ["dt=1/f2.parquet"]),  # shares f2 with a
         "c": entry("1", ["dt=1/f3.parquet"]),
         "d": entry("1", ["dt=1/f3.parquet"]),
     }
-    assert ledger.shared_files(book(entries), ["a"]) == (["dt=1/f1.parquet"], ["dt=1/f2.parquet"])
-    assert ledger.shared_files(book(entries), ["c", "d"]) == (["dt=1/f3.parquet"], [])
-    assert ledger.shared_files(book(entries), ["new"]) == ([], [])
+    assert ledger.shared_files(book(entries), ["a"], visible) == (["dt=1/f1.parquet"], ["dt=1/f2.parquet"])
+    assert ledger.shared_files(book(entries), ["c", "d"], visible) == (["dt=1/f3.parquet"], [])
+    assert ledger.shared_files(book(entries), ["new"], visible) == ([], [])
+    # A shared file that is gone is not carried (there is nothing to copy); b, whose rows
+    # were in it too, is redone by plan when listed.
+    assert ledger.shared_files(book(entries), ["a"], visible - {"dt=1/f2.parquet"}) == (
+        ["dt=1/f1.parquet"],
+        [],
+    )
 
 
 def test_a_night_rewrites_only_the_partitions_it_touched():
@@ -133,10 +145,13 @@ def test_entries_of_many_inputs_from_the_staged_counts():
 
 
 def test_the_ledger_on_disk_per_partition_and_from_the_legacy_file(tmp_path):
-    root = Root(str(tmp_path / "out"))
+    # Under key=value folders named like the ledger's columns: pyarrow must not read them
+    # as Hive partitions into every row (it did: every entry's model became "resnet18").
+    out = tmp_path / "model=resnet18" / "partition=eu" / "version=9" / "out"
+    root = Root(str(out))
     entries = {"a": entry("1", ["dt=1/f.parquet"]), "b": entry("1", ["dt=2/g.parquet"], "dt=2", "m")}
-    (tmp_path / "out" / "_state").mkdir(parents=True)
-    (tmp_path / "out" / "_state" / "ledger.json").write_text(json.dumps(entries))
+    (out / "_state").mkdir(parents=True)
+    (out / "_state" / "ledger.json").write_text(json.dumps(entries))
     old = ledger.load(root)
     assert old.legacy and old.entries() == entries
 
@@ -148,7 +163,7 @@ def test_the_ledger_on_disk_per_partition_and_from_the_legacy_file(tmp_path):
     assert sorted(dst for _, dst in moves) == [f"_state/ledger/dt={p}/r1.parquet" for p in (1, 2, 3)]
     commit(root, Journal("r1", deletes=deletes, moves=moves))
     now = ledger.load(root)
-    assert not now.legacy and not (tmp_path / "out" / "_state" / "ledger.json").exists()
+    assert not now.legacy and not (out / "_state" / "ledger.json").exists()
     assert now.entries() == {
         **entries,
         "c": {**entry("9", ["dt=3/p.parquet"], "dt=3", "m"), "rows": 3, "run_id": "r1"},
