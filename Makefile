@@ -24,7 +24,7 @@ install: $(STAMP) ## Create .venv and install the project with its test dependen
 local: $(STAMP) ## Run the main job on a generated sample set, CPU only, output under out/
 	$(PY) jobs/local.py --samples data/samples --output out/local
 
-test: $(STAMP) ## Run the whole test suite (unit, then end-to-end on a local Ray)
+test: $(STAMP) ## Run the whole test suite (end-to-end on a local Ray, and unit)
 	$(PY) -m pytest tests -q
 
 lint: $(STAMP) ## Format check and lint (ruff)
