@@ -46,6 +46,7 @@ from pipeline.bulk import bulk
 from pipeline.commit import Journal, Lease, Root, commit, recover, staging_rel
 from pipeline.config import ConfigError, RunConfig
 from pipeline.errors import EXIT_OVER_ERROR_BUDGET
+from pipeline.sources import InputError
 from pipeline.storage import redact
 
 SUCCESS = "_SUCCESS"
@@ -145,6 +146,8 @@ def run_nightly(
     so = config.storage_options
     partition = f"dt={date}"
     listing = sources.list_input(config.source.input, config.source.format, so)
+    real = ledger_keys(listing.versions)
+    versions = {key: listing.versions[u] for key, u in real.items()}
     root = Root(config.sink.output, so)
     run_id = runner.new_run_id()
     with Lease(root, run_id) as lease:
@@ -154,9 +157,6 @@ def run_nightly(
         book = ledger.load(root, names)
         sink = sinks.get()
         visible = [n for n in names if sink.is_data(n)]
-        # The ledger is keyed by the inputs' URIs as the `source` column holds them: redacted.
-        real = {redact(u): u for u in listing.versions}
-        versions = {key: listing.versions[u] for key, u in real.items()}
         # Weights and preprocessing are settled for the whole listing before anything runs.
         plan = runner.prepare(config, listing=listing, check_output=False, load_weights=False)
         planned = ledger.plan(book, versions, visible, plan.fingerprint)
@@ -211,6 +211,21 @@ def run_nightly(
     return NightlyResult(
         0, f"{rows} rows ({errors} errors) from {len(todo)} inputs into {partition}{later}", **base
     )
+
+
+def ledger_keys(uris) -> dict[str, str]:
+    """The ledger's key of each input (its URI as the ``source`` column holds it: redacted)
+    → the input. Two inputs whose URIs differ only in what redaction removes (HTTP URLs
+    differing in their query) would be one key, and one of them never done: refused."""
+    real: dict[str, str] = {}
+    for u in uris:
+        key = redact(u)
+        if real.setdefault(key, u) != u:
+            raise InputError(
+                f"two inputs are both {key} once credentials are removed; the nightly ledger "
+                "cannot tell them apart: give them names that differ outside the query string"
+            )
+    return real
 
 
 def carry(root: Root, sink, files: list[str], drop: set[str], run_id: str, so, moves: dict) -> dict[str, str]:

@@ -82,7 +82,6 @@ def table_of(entries: dict[str, dict]) -> pa.Table:
     )
 
 
-@bulk
 def load(root: Root, names: list[str] | None = None) -> Ledger:
     """Reads the ledger of ``root``; ``names``: ``root.listing()``, if the caller has it."""
     names = root.listing() if names is None else names

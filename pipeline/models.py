@@ -240,13 +240,16 @@ def resolve(
     if weights == "none":
         tag, source = "none", f"random initialisation (torch.manual_seed({RANDOM_SEED}))"
         transforms = _checkpoint_transforms(**size_overrides)
-        load, num_classes = (lambda: build(model).state_dict()), 1000
+        load, num_classes = functools.partial(_random_state_dict, model), 1000
     elif is_checkpoint(weights):
         data = _read_bytes(weights, storage_options)
         state_dict = _load_state_dict(weights, data)
         tag, source = f"sha256:{hashlib.sha256(data).hexdigest()}", redact(weights)
         transforms = _checkpoint_transforms(**size_overrides)
-        load, num_classes = (lambda: state_dict), _check_against_architecture(model, state_dict, weights)
+        load, num_classes = (
+            functools.partial(dict, state_dict),
+            _check_against_architecture(model, state_dict, weights),
+        )
     else:
         # The model zoo's file is read when the tensors are first needed (``state_dict``);
         # what the rows depend on (name, preprocessing, classes) is known from its entry.
@@ -269,6 +272,10 @@ def resolve(
         pretrained_source=source,
         load=load,
     )
+
+
+def _random_state_dict(model: str) -> dict[str, torch.Tensor]:
+    return build(model).state_dict()
 
 
 def _zoo_state_dict(model: str, entry: tvm.WeightsEnum) -> dict[str, torch.Tensor]:

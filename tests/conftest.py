@@ -179,18 +179,34 @@ def ray_cluster():
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    session = ray._private.worker._global_node.get_session_dir_path()
     try:
         yield ray
     finally:
         # Its processes, taken while they are still our descendants: once the raylet is
         # gone a worker belongs to init. One was seen to outlive ray.shutdown() (a model
         # actor's process, 1 GB, idle for good); whatever is left after 10 s is ended here.
-        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        # Only this Ray's: its workers ("ray::…") and the processes naming its session dir.
+        started = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.pid not in before and _of_ray(p, session)
+        ]
         ray.shutdown()
         _, alive = psutil.wait_procs(started, timeout=10)
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+def _of_ray(p, session: str) -> bool:
+    import psutil
+
+    try:
+        cmdline = p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return bool(cmdline) and (cmdline[0].startswith("ray::") or any(session in arg for arg in cmdline))
 
 
 @pytest.fixture(scope="session")

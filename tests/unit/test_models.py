@@ -205,3 +205,16 @@ def test_split_classifier_is_the_torchvision_model_in_two_parts(name, dim):
 def test_split_classifier_takes_resnets_only():
     with pytest.raises(TypeError, match="not Sequential"):
         models.SplitClassifier(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_resolved_weights_pickle_before_and_after_loading(tmp_path):
+    """The tensors load lazily from a picklable loader (no lambda), so a plan can be shipped."""
+    import pickle
+
+    sd = models.build("resnet18", num_classes=7).state_dict()
+    torch.save(sd, tmp_path / "c.pt")
+    for spec in ("none", str(tmp_path / "c.pt")):
+        w = pickle.loads(pickle.dumps(models.resolve("resnet18", spec)))
+        assert w.state_dict["fc.weight"].shape[0] == (1000 if spec == "none" else 7)
+        again = pickle.loads(pickle.dumps(w))
+        assert torch.equal(again.state_dict["conv1.weight"], w.state_dict["conv1.weight"])
