@@ -62,3 +62,22 @@ def test_without_a_network_it_falls_back_to_random_weights_and_says_how_to_fix_i
     assert f"put resnet18-f37072fd.pth into {tmp_path / 'empty' / 'hub' / 'checkpoints'} (TORCH_HOME)" in line
     assert len(re.findall(r"^example   ", proc.stdout, flags=re.MULTILINE)) == 3
     assert "rows      6 (5 ok, 1 error)" in proc.stdout
+
+
+def test_a_bad_flag_is_one_line_before_ray_or_torch(tmp_path):
+    """The job starts Ray while torch is imported; a bad flag is refused before either."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(ROOT, "jobs/local.py"), "--samples",
+         str(tmp_path / "samples"), "--output", str(tmp_path / "out"), "--batch-size", "0"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and lines == ["error: --batch-size must be at least 1, got 0"], proc.stderr[
+        -2000:
+    ]
+    imported = {
+        line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "torch" not in imported and "ray" not in imported
+    assert not (tmp_path / "samples").exists()
