@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 METADATA_PREFIX = "pipeline."
-
 REPORT_NAME = "_report.json"
 
 
