@@ -3,17 +3,18 @@
     python bench/scale.py [--sizes 10000,100000,1000000] [--before] [--work /tmp/pipeline-scale]
 
 Synthetic inputs: empty placeholder tar shards (the driver never opens them) named
-``shard-000000.tar`` ..., listed through a brace pattern, and an output root whose ledger
-says every input is done, 100 inputs per (placeholder) output file. For each size it
-times, with the project's own functions and no Ray cluster:
+``shard-000000.tar`` ..., listed through a brace pattern, and an output table whose rows
+say every input is done: ``--rows-per-input`` rows each (default 10), 100 inputs per data
+file, written by the sink's own ``write_file`` and committed by its own transaction. For
+each size it times, with the project's own functions and no Ray cluster:
   1. listing   - ``list_input`` of the brace pattern (one LIST of the folder);
   2. planning  - the shards and the read tasks Ray Data would run (``ShardDatasource``);
-  3. ledger    - save, load, and plan a night where nothing changed (``pipeline.ledger``:
-                 one Parquet file per partition, planned with Arrow compute);
-  4. commit    - the nightly bookkeeping of a night that redoes every input (ledger
-                 entries and manifests from the staged files' counts) and the journal's
-                 apply for the output files (moves on a local disk);
-  5. no-op     - ``nightly`` on a root where nothing is new: in this process, then as a
+  3. table     - load the snapshot (Delta's log), read what each file holds of each input
+                 (``Table.inputs``: the planning columns only), and plan a night where
+                 nothing changed (``incremental.plan``, Arrow compute);
+  4. commit    - the one commit of a night that redoes every input: every old file
+                 removed, as many new ones added (checks, the Delta commit, the row check);
+  5. no-op     - ``nightly`` on a table where nothing is new: in this process, then as a
                  whole command (``python -m pipeline nightly``: Python, imports and all).
 Each line gives seconds (the best of up to 5 runs for a step under a second) and the
 driver's resident memory growth (its first run); then the growth
@@ -40,9 +41,9 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import cli, incremental, ledger, sinks, sources  # noqa: E402
+from pipeline import cli, incremental, sinks, sources  # noqa: E402
+from pipeline import columns as C  # noqa: E402
 from pipeline import run as runner  # noqa: E402
-from pipeline.commit import Journal, Root, _apply  # noqa: E402
 from pipeline.sources.datasource import ShardDatasource  # noqa: E402
 from pipeline.storage import redact  # noqa: E402
 
@@ -85,56 +86,53 @@ def nightly_args(pattern: str, out: str) -> list[str]:
             "--model", "resnet18", "--weights", "none", "--task", "features"]  # fmt: skip
 
 
-def counts_of(keys: list[str], partition: str):
-    """``Sink.rows_per_source``'s table for ``keys``: 10 rows each, 100 inputs per file."""
-    import pyarrow as pa
+def data(keys: list[str], versions: dict, fingerprint: str, rows_per_input: int):
+    """The rows of ``keys``, ``rows_per_input`` each: the contract's columns, a 4-d embedding."""
+    import numpy as np
 
-    files = [f"{partition}/part-{i // INPUTS_PER_FILE:06d}.parquet" for i in range(len(keys))]
-    n = len(keys)
-    return pa.table({"file": files, "source": keys, "rows": pa.array([10] * n, pa.int64()),
-                     "errors": pa.array([0] * n, pa.int64())}, schema=sinks.counts_schema())  # fmt: skip
+    n = len(keys) * rows_per_input
+    src = np.repeat(np.array(keys, dtype=object), rows_per_input)
+    return C.to_table(
+        "features", [f"{i}" for i in range(n)], list(src), [None] * n, model="resnet18", weights="none",
+        embeddings=np.zeros((n, 4), np.float32), source_versions=[versions[k] for k in src],
+        fingerprint=fingerprint, schema=C.output_schema("features", 4),
+    ).cast(C.output_schema("features", 4))  # fmt: skip
 
 
-def done_root(out: str, listing, fingerprint: str):
-    """An output root whose ledger says every input is done; returns the ledger's table."""
+def write_files(table, keys, versions, fingerprint, rows_per_input, tag: str) -> list:
+    """100 inputs per data file, written as the write tasks write them."""
+    out = []
+    for i in range(0, len(keys), INPUTS_PER_FILE):
+        chunk = keys[i : i + INPUTS_PER_FILE]
+        rows = data(chunk, versions, fingerprint, rows_per_input)
+        name = f"dt={DATE}/part-{tag}-{i // INPUTS_PER_FILE:06d}.parquet"
+        out.append(sinks.write_file(rows, table.arrow_fs, table.path, name, {"dt": DATE}))
+    return out
+
+
+def done_table(out: str, listing, fingerprint: str, rows_per_input: int) -> None:
+    """A nightly table whose rows say every listed input is done, in one commit."""
     shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(f"{out}/dt={DATE}")
     keys = sorted(redact(u) for u in listing.versions)
-    counts = counts_of(keys, f"dt={DATE}")
-    table = ledger.entries(keys, counts, listing.versions, f"dt={DATE}", "bench", fingerprint)
-    for name in sorted(set(counts["file"].to_pylist())):
-        open(f"{out}/{name}", "wb").close()
-    save_ledger(Root(out), table)
-    return table
+    versions = {redact(u): v for u, v in listing.versions.items()}
+    table = sinks.Table(out)
+    files = write_files(table, keys, versions, fingerprint, rows_per_input, "done")
+    table.transaction("bench", C.output_schema("features", 4), partition=DATE).commit(files)
 
 
-def save_ledger(root: Root, table) -> None:
-    """What a commit writes of the ledger of a partition (one partition here)."""
-    import pyarrow.parquet as pq
+def redo_everything(out: str, listing, fingerprint: str, rows_per_input: int):
+    """The one commit of a night that redoes every input (its files written beforehand)."""
+    keys = sorted(redact(u) for u in listing.versions)
+    versions = {redact(u): v for u, v in listing.versions.items()}
+    table = sinks.Table(out)
+    files = write_files(table, keys, versions, fingerprint, rows_per_input, "redo")
+    removes = table.files()
 
-    path = root.abs(f"{ledger.FOLDER}/dt={DATE}/bench.parquet")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
+    def commit():
+        tx = table.transaction("redo", C.output_schema("features", 4), partition=DATE, removes=removes)
+        return tx.commit(files)
 
-
-def bookkeeping(book, versions: dict, plan, run_id: str):
-    """A night that redoes every input: the staged files' counts → ledger and manifests."""
-    counts = counts_of(sorted(versions), "dt=2026-11-02")
-    return incremental.bookkeeping(book, sorted(versions), versions, counts, "dt=2026-11-02", plan, run_id)
-
-
-def apply_moves(work: str, n_files: int) -> None:
-    """The journal's apply on a local root: ``n_files`` staged files moved into place."""
-    out = f"{work}/commit"
-    shutil.rmtree(out, ignore_errors=True)
-    staged = f"{out}/_staging-bench"
-    os.makedirs(staged)
-    for i in range(n_files):
-        open(f"{staged}/part-{i:06d}.parquet", "wb").close()
-    moves = [
-        (f"_staging-bench/part-{i:06d}.parquet", f"dt={DATE}/part-{i:06d}.parquet") for i in range(n_files)
-    ]
-    _apply(Root(out), Journal("bench", moves=moves))
+    return commit
 
 
 def before_planning(listing) -> float:
@@ -152,7 +150,7 @@ def before_planning(listing) -> float:
         ray.shutdown()
 
 
-def run_size(n: int, work: str, with_before: bool) -> dict:
+def run_size(n: int, work: str, with_before: bool, rows_per_input: int) -> dict:
     folder = f"{work}/in-{n}"
     t0 = time.perf_counter()
     make_shards(folder, n)
@@ -175,21 +173,25 @@ def run_size(n: int, work: str, with_before: bool) -> dict:
         r["planning_before"] = {"s": round(secs, 3)}
         print(f"  {'planning before':<16} {secs:8.2f} s  (from_items, one block per shard)", flush=True)
     plan = runner.prepare(config, listing=listing, check_output=False)
-    table = done_root(out, listing, plan.fingerprint)
-    root = Root(out)
-    step("ledger save", lambda: save_ledger(root, table))
-    loaded = step("ledger load", lambda: ledger.load(root))
+    t0 = time.perf_counter()
+    done_table(out, listing, plan.fingerprint, rows_per_input)
+    print(f"  (table of {n * rows_per_input} rows made in {time.perf_counter() - t0:.1f} s)", flush=True)
+    table = step("table load", lambda: sinks.Table(out))
+    files = table.files()
+    inputs = step("table inputs", lambda: table.inputs(files))
     versions = {redact(u): v for u, v in listing.versions.items()}
-    visible = root.data_files(sinks.get().is_data)
-    todo = step("ledger plan", lambda: ledger.plan(loaded, versions, visible, plan.fingerprint).todo)
-    assert not todo, f"{len(todo)} inputs planned on a root where every input is done"
-    step("commit books", lambda: bookkeeping(loaded, versions, plan, "bench"))
-    step("commit moves", lambda: apply_moves(work, -(-n // INPUTS_PER_FILE)))
+    night = step("table plan", lambda: incremental.plan(inputs, versions, plan.fingerprint, files))
+    assert not night.todo, f"{len(night.todo)} inputs planned on a table where every input is done"
     code = step("no-op nightly", lambda: cli.main(nightly_args(pattern, out)))
     assert code == 0, f"the no-op nightly exited {code}"
     command = [sys.executable, "-m", "pipeline", *nightly_args(pattern, out)]
     proc = step("no-op command", lambda: subprocess.run(command, cwd=ROOT, capture_output=True, text=True))
     assert proc.returncode == 0 and "nothing new" in proc.stdout, proc.stderr[-2000:]
+    commit = redo_everything(out, listing, plan.fingerprint, rows_per_input)
+    secs, mib, committed = measure(commit, repeats=1)
+    r["commit"] = {"s": round(secs, 4), "rss_mib": round(mib, 1)}
+    print(f"  {'commit':<16} {secs:8.3f} s  {mib:+8.1f} MiB", flush=True)
+    assert committed.rows == n * rows_per_input
     return r
 
 
@@ -214,11 +216,12 @@ def main() -> None:
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--before", action="store_true", help="also time from_items planning (up to 10k)")
     p.add_argument("--work", default="/tmp/pipeline-scale")
+    p.add_argument("--rows-per-input", type=int, default=10, help="rows (images) of each input in the table")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"), help="folder for the JSON")
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = {n: run_size(n, args.work, args.before) for n in sizes}
+    results = {n: run_size(n, args.work, args.before, args.rows_per_input) for n in sizes}
     growth = exponents(results) if len(sizes) > 1 else {}
     if growth:
         print(f"growth exponent {min(sizes)} → {max(sizes)} (1.0 is linear):")
@@ -227,6 +230,7 @@ def main() -> None:
     record = {
         "date": date.today().isoformat(),
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
+        "rows_per_input": args.rows_per_input,
         "sizes": {str(n): r for n, r in results.items()},
         "growth_exponent": growth,
     }

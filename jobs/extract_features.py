@@ -15,7 +15,7 @@ from pathlib import Path
 # On a cluster the project is not installed: import it from the uploaded working dir.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import exit_process, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]], defaults={"task": "features"}))
+    exit_process(main(["run", *sys.argv[1:]], defaults={"task": "features"}))

@@ -32,7 +32,7 @@ EXAMPLES = 3
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", default="data/samples", help="sample image folder (made if absent)")
-    p.add_argument("--output", default="out/local", help="output folder (replaced on each run)")
+    p.add_argument("--output", default="out/local", help="output table (its rows replaced on each run)")
     p.add_argument("--model", default=ModelConfig.name, help=f"(default: {ModelConfig.name})")
     return p
 
@@ -55,13 +55,21 @@ def pick_weights(model: str) -> str:
 
 
 def show_examples(output: str) -> None:
-    """A few rows of what was produced: id, top-1 class, its score."""
-    import pyarrow.dataset as ds
+    """A few rows of what was produced (id, top-1 class, its score), where the table is, and
+    one line that reads it."""
+    import pyarrow.fs as fs
+    from deltalake import DeltaTable
 
-    table = ds.dataset(output, format="parquet").to_table(columns=["id", "status", "class_name", "score"])
+    root = os.path.abspath(output)
+    delta = DeltaTable(root)
+    data = delta.to_pyarrow_dataset(filesystem=fs.SubTreeFileSystem(root, fs.LocalFileSystem()))
+    table = data.to_table(columns=["id", "status", "class_name", "score"])
     rows = sorted((r for r in table.to_pylist() if r["status"] == "ok"), key=lambda r: r["id"])
     for r in rows[:EXAMPLES]:
         print(f"example   {r['id']}: {r['class_name']} ({r['score']:.2f})")
+    print(f"table     {output}: a Delta Lake table, version {delta.version()}, {table.num_rows} rows")
+    read = f"import polars as pl; print(pl.read_delta('{output}'))"
+    print(f'read it   .venv/bin/python -c "{read}"')
 
 
 def command(args: argparse.Namespace, weights: str, rest: list[str]) -> list[str]:
@@ -107,4 +115,4 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
 if __name__ == "__main__":
     known, rest = get_args_parser().parse_known_args()
-    sys.exit(run(known, rest))
+    cli.exit_process(run(known, rest))

@@ -9,14 +9,16 @@ built; the exit code comes from the error's type (``pipeline.errors``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import date
 
 from pipeline import __version__
 from pipeline.config import NIGHTLY_GROUPS, RUN_GROUPS, StorageConfig, settings
-from pipeline.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, PipelineError
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RUN_FAILED, PipelineError
 from pipeline.storage import redact
 
 
@@ -48,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser, groups=RUN_GROUPS) -> argparse.Arg
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
-        description="ImageNet labels and pooled ResNet features for image shards, written to Parquet.",
+        description="ImageNet labels and pooled ResNet features for image shards, written to a Delta table.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,12 +59,26 @@ def get_args_parser() -> argparse.ArgumentParser:
         sub.add_parser("nightly", help="incremental run: only new or changed inputs, into ROOT/dt=<date>/"),
         NIGHTLY_GROUPS,
     )
-    rec = sub.add_parser(
-        "recover", help="finish or undo what a killed run left in an output (its next run does this too)"
+
+    def table_command(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("output", help="the output table's URI (its root folder)")
+        c.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
+        c.add_argument("--s3-anonymous", action="store_true", help=argparse.SUPPRESS)
+        return c
+
+    table_command("history", "the table's commits, one line each, and what its files take up").add_argument(
+        "--limit", type=int, default=None, help="the newest N commits only"
     )
-    rec.add_argument("output", help="the output folder URI")
-    rec.add_argument("--s3-endpoint-url", help="S3-compatible endpoint")
-    rec.add_argument("--s3-anonymous", action="store_true", help=argparse.SUPPRESS)
+    vac = table_command("vacuum", "delete files that no commit within the retention needs")
+    vac.add_argument(
+        "--retention-hours", type=float, default=168.0,
+        help="keep what the commits of the last this many hours need (default: 168); below it, "
+        "only while no run writes the table",
+    )  # fmt: skip
+    vac.add_argument("--dry-run", action="store_true", help="list the files, delete nothing")
+    table_command("migrate", "convert an output of the previous Parquet layout into a Delta table, once")
+    table_command("recover", argparse.SUPPRESS)  # gone: a commit is all or nothing now
     sample = sub.add_parser("sample", help="write a sample image folder (for make local and tests)")
     sample.add_argument("output", help="folder to create")
     sample.add_argument("--count", type=int, default=64, help="images (default: 64), plus one broken file")
@@ -201,10 +217,21 @@ def guarded(work) -> int:
         from_ray = type(e).__module__.startswith("ray") or "RayTaskError" in type(e).__name__
         if isinstance(e, PipelineError) and not from_ray and e.exit_code == EXIT_BAD_INPUT:
             return fail(str(e))
-        # A Ray task error's text is a traceback; its last line names the cause.
-        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        print(redact(f"error: run failed: {last[:300]}"), file=sys.stderr)
+        print(redact(f"error: run failed: {one_line(e, from_ray)}"), file=sys.stderr)
         return EXIT_RUN_FAILED
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(e: BaseException, traceback: bool = False) -> str:
+    """An error as one line of at most 300 characters. A Ray task error's text is a
+    traceback, whose last line names the cause; a store's error (delta-rs's) is a chain of
+    causes, one per line: its first and last say what failed and why."""
+    lines = [" ".join(_ANSI.sub("", ln).replace("↳", "").split()) for ln in str(e).strip().splitlines()]
+    lines = [ln for ln in lines if ln] or [type(e).__name__]
+    text = lines[-1] if traceback or len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
+    return text[:300]
 
 
 def nightly_command(args: argparse.Namespace) -> int:
@@ -215,9 +242,13 @@ def nightly_command(args: argparse.Namespace) -> int:
 
     def go() -> int:
         config = config_from_args(args)
-        date = check_date(args.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+        given = getattr(args, "date", None)
+        date = check_date(given if given is not None else datetime.now(timezone.utc).strftime("%Y-%m-%d"))
         print_origin()
-        result = run_nightly(config, date, args.max_error_fraction, args.backfill, args.max_inputs)
+        result = run_nightly(
+            config, date, args.max_error_fraction, args.backfill, args.max_inputs,
+            args.prune_missing, args.retention_hours,
+        )  # fmt: skip
         print(redact(result.message), file=sys.stderr if result.exit_code else sys.stdout)
         return result.exit_code
 
@@ -227,6 +258,23 @@ def nightly_command(args: argparse.Namespace) -> int:
 def fail(message: str) -> int:
     print(redact(f"error: {message}"), file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def exit_process(code: int) -> None:
+    """Ends the process with ``code`` once its output is flushed, skipping the interpreter's
+    teardown: native libraries that read Delta tables were seen to abort there ("terminate
+    called without an active exception", exit 134) after all the work was done, which would
+    turn a good run's 0 into a failure. What must happen at the end already has (Ray is shut
+    down by the run that started it; the commit is in the table)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def entry_point() -> None:
+    """The ``resnet-pipeline`` command."""
+    exit_process(main())
 
 
 def main(argv: Sequence[str] | None = None, defaults: dict | None = None) -> int:
@@ -243,26 +291,55 @@ def main(argv: Sequence[str] | None = None, defaults: dict | None = None) -> int
         written = make_samples(args.output, count=args.count)
         print(f"wrote {len(written)} files to {args.output}")
         return 0
-    if args.command == "nightly":
-        return nightly_command(args)
-    if args.command == "recover":
-        return recover_command(args)
-    return run_command(args)
+    try:
+        if args.command == "nightly":
+            return nightly_command(args)
+        if args.command in TABLE_COMMANDS:
+            return table_command(args)
+        return run_command(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-def recover_command(args: argparse.Namespace) -> int:
-    """Takes the output's lease, finishes a journaled commit, drops stale staging."""
-    from pipeline import commit
-    from pipeline.run import new_run_id
+TABLE_COMMANDS = ("history", "vacuum", "migrate", "recover")
+
+
+def table_command(args: argparse.Namespace) -> int:
+    """``history``, ``vacuum`` and ``migrate`` of an output table. A path that is not a
+    table root (an empty string, a typo, a bare ``s3://``) is refused in one line, and
+    nothing is created or deleted."""
+    from pipeline import sinks
     from pipeline.storage import canonical_uri
 
     def go() -> int:
-        root = commit.Root(
-            canonical_uri(args.output), StorageConfig(args.s3_endpoint_url, args.s3_anonymous).options
+        if args.command == "recover":
+            return fail(
+                "recover is gone: a run's Delta commit is all or nothing, so a killed run left "
+                "nothing half done; `python -m pipeline vacuum OUTPUT` removes the files it wrote"
+            )
+        so = StorageConfig(args.s3_endpoint_url, args.s3_anonymous).options
+        uri = canonical_uri(args.output) if args.output.strip() else args.output
+        if args.command == "migrate":
+            from pipeline.sinks.migrate import migrate
+
+            for line in migrate(uri, so):
+                print(redact(line))
+            return 0
+        table = sinks.open_existing(uri, so)
+        if args.command == "history":
+            for line in sinks.history_lines(table, args.limit):
+                print(line)
+            return 0
+        if args.retention_hours < 0:
+            return fail(f"--retention-hours must be 0 or more, got {args.retention_hours:g}")
+        files = sinks.vacuum(table, args.retention_hours, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        print(
+            redact(f"{table.uri}: {verb} {len(files)} files unreferenced for over {args.retention_hours:g} h")
         )
-        with commit.Lease(root, f"recover-{new_run_id()}"):
-            finished = commit.recover(root)
-        print(redact(f"{root.uri}: finished {finished} interrupted commit(s); no staging left"))
+        for f in files if args.dry_run else []:
+            print(f"  {f}")
         return 0
 
     return guarded(go)

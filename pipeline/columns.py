@@ -23,6 +23,11 @@ STATUS = "status"
 ERROR = "error"
 MODEL = "model"
 WEIGHTS = "weights"
+# What a nightly run plans with (the table is its own ledger): the input's version when it
+# was read (size:ETag, or size:mtime), and the fingerprint of what made the row
+# (``run.Plan.fingerprint``: model, weights, preprocessing, task and heads).
+SOURCE_VERSION = "source_version"
+FINGERPRINT = "fingerprint"
 
 # --task classify
 CLASS_INDEX = "class_index"
@@ -37,6 +42,11 @@ EMBEDDING = "embedding"
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+
+# The nightly table's partition column: its value lives in Delta's log, not in the data files.
+PARTITION = "dt"
+# The embedding column's field metadata: the dimension, which a list<float32> does not carry.
+EMBEDDING_DIM_KEY = "pipeline.embedding_dim"
 
 # Intermediate columns between stages (not in the output).
 BYTES = "bytes"
@@ -79,10 +89,16 @@ def output_schema(task: str, embedding_dim: int, metadata: dict[str, str] | None
             pa.field(TOPK_SCORE, pa.list_(pa.float32())),
         ]
     if wants_features(task):
-        fields.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_dim)))
+        # A list, not a fixed_size_list: Delta Lake has no fixed-size type. The dimension is
+        # in the field's metadata (and every list of a table is that long).
+        fields.append(
+            pa.field(EMBEDDING, pa.list_(pa.float32()), metadata={EMBEDDING_DIM_KEY: str(embedding_dim)})
+        )
     fields += [
         pa.field(MODEL, pa.string(), nullable=False),
         pa.field(WEIGHTS, pa.string(), nullable=False),
+        pa.field(SOURCE_VERSION, pa.string()),
+        pa.field(FINGERPRINT, pa.string()),
     ]
     return pa.schema(fields, metadata=metadata)
 
@@ -99,6 +115,8 @@ def to_table(
     topk_score: np.ndarray | None = None,
     categories: Sequence[str] | None = None,
     embeddings: np.ndarray | None = None,
+    source_versions: Sequence[str | None] | None = None,
+    fingerprint: str | None = None,
     schema: pa.Schema | None = None,
 ) -> pa.Table:
     """One batch's predictions as rows of the output contract.
@@ -112,6 +130,8 @@ def to_table(
         topk_index, topk_score: (good rows, k), best first (classify, both).
         categories: class index → name (classify, both).
         embeddings: (good rows, D) float32, already normalized if asked (features, both).
+        source_versions: one per row, the input's version (None: unknown).
+        fingerprint: the ``fingerprint`` column, the same on every row.
         schema: ``output_schema(task, D, metadata)``; built without metadata when None.
 
     The prediction arrays hold the good rows only, in batch order; with none, pass
@@ -151,9 +171,18 @@ def to_table(
         if embeddings is None:
             raise ValueError(f"task {task!r} needs embeddings")
         emb = _fill(ok, embeddings, np.float32)
-        cols[EMBEDDING] = pa.FixedSizeListArray.from_arrays(emb.reshape(-1), emb.shape[1], mask=missing)
+        d = emb.shape[1]
+        offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+        cols[EMBEDDING] = pa.ListArray.from_arrays(offsets, emb.reshape(-1), mask=missing)
     cols[MODEL] = pa.array([model] * n, pa.string())
     cols[WEIGHTS] = pa.array([weights] * n, pa.string())
+    versions = (
+        [None] * n
+        if source_versions is None
+        else [v if isinstance(v, str) else None for v in source_versions]
+    )
+    cols[SOURCE_VERSION] = pa.array(versions, pa.string())
+    cols[FINGERPRINT] = pa.array([fingerprint] * n, pa.string())
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 

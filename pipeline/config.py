@@ -84,9 +84,9 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class SinkConfig:
-    output: str = setting("", "folder URI for the Parquet files")
+    output: str = setting("", "URI of the output Delta table (a folder)")
     rows_per_file: int = setting(100_000, "rows per output file")
-    overwrite: bool = setting(False, "replace a non-empty --output")
+    overwrite: bool = setting(False, "replace the rows of an existing output table (run)")
 
     def __post_init__(self):
         _require(bool(self.output), "--output is required")
@@ -176,7 +176,9 @@ class NightlyConfig:
     """What ``nightly`` adds to a run: the partition and the error budget."""
 
     date: str | None = setting(None, "partition date YYYY-MM-DD (default: today, UTC)")
-    max_error_fraction: float = setting(0.01, "above this share of broken images: exit non-zero, no _SUCCESS")
+    max_error_fraction: float = setting(
+        0.01, "above this share of broken images: commit, mark it in the commit, and exit 3"
+    )
     backfill: bool = setting(
         False,
         "recompute every input whose rows another model, weights or preprocessing made "
@@ -186,6 +188,14 @@ class NightlyConfig:
         0,
         "redo at most this many inputs this night, new and changed ones first (0: all); "
         "later nights do the rest",
+    )
+    prune_missing: bool = setting(
+        False, "drop the rows of inputs no longer listed, in the night's commit (without it they stay)"
+    )
+    retention_hours: float = setting(
+        168.0,
+        "upkeep vacuums files that no commit of the last this many hours needs (time travel "
+        "that far back keeps working)",
     )
 
 

@@ -3,7 +3,7 @@
 Per image, errors are data (an error row); these are for the run as a whole. Anything else
 that escapes a run (a pyarrow ``ArrowInvalid`` in the read-back, say) is a failed run, exit 1.
 A nightly run over its error budget is not an error: it commits its rows and ends with
-``EXIT_OVER_ERROR_BUDGET``, without ``_SUCCESS``.
+``EXIT_OVER_ERROR_BUDGET``, and its commit says so.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_OVER_ERROR_BUDGET = 3
+EXIT_INTERRUPTED = 130  # Ctrl+C, as a shell reports a SIGINT
 
 
 class PipelineError(Exception):

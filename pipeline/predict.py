@@ -78,6 +78,7 @@ class PredictorSpec:
     device: str = "auto"  # "auto": CUDA when this process was given a GPU, else CPU
     threads: int | None = None  # torch intra-op threads on CPU; None: see cpu_threads()
     schema_metadata: dict[str, str] | None = field(default=None, repr=False)
+    fingerprint: str | None = None  # run.Plan.fingerprint: the rows' ``fingerprint`` column
 
     @classmethod
     def from_weights(
@@ -337,6 +338,8 @@ class Predictor:
             topk_score=topk_score,
             categories=self.categories,
             embeddings=embeddings,
+            source_versions=batch.get(C.SOURCE_VERSION),
+            fingerprint=self.spec.fingerprint,
             schema=self.schema,
         )
         return table, t1, t2

@@ -1,11 +1,12 @@
 """Wiring: ``prepare`` checks everything cheap on the driver, ``build`` chains the lazy
-stages, ``run`` adds the sink and the summary.
+stages, ``execute`` runs them into the table's one commit, ``run`` is the one-shot job.
 
-    read_shard ─► decode_batch ─► Predictor (actor pool) ─► write_parquet
-    (CPU tasks, fused)            (one model per actor)
+    read_shard ─► decode_batch ─► Predictor (actor pool) ─► TableSink ─► one Delta commit
+    (CPU tasks, fused)            (one model per actor)     (write tasks)  (driver)
 
 With ``--decode gpu`` there is no decode stage: the bytes go to the actors, which decode
-them on their device (``Predictor.inputs``).
+them on their device (``Predictor.inputs``). The commit lifecycle (snapshot, transaction,
+commit, checks) is ``sinks.delta``'s, the same for ``run`` and ``nightly``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import sys
 import threading
 import time
@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 
 from pipeline import columns as C
-from pipeline import commit, efficiency, models, sinks, sources
+from pipeline import efficiency, models, sinks, sources
 from pipeline.config import ConfigError, RunConfig
 from pipeline.decode import Preprocess, decode_batch
 from pipeline.errors import RunFailedError
@@ -49,6 +49,29 @@ class Plan:
         preprocessing = {**w.preprocessing(), "decode": self.config.compute.decode}
         meta = sinks.provenance(w.model, w.tag, self.config.model.task, preprocessing, self.precision)
         return C.output_schema(self.config.model.task, w.embedding_dim, meta)
+
+    @cached_property
+    def table(self) -> sinks.Table:
+        """The output table, its snapshot read once (``sinks.delta``)."""
+        return sinks.Table(self.config.sink.output, self.config.storage_options)
+
+    def facts(self) -> dict:
+        """What commitInfo records of every run (``sinks.delta``), credentials removed."""
+        w, c = self.weights, self.config
+        return {
+            "input": c.source.input,
+            "format": self.listing.format,
+            "model": w.model,
+            "weights": w.tag,
+            "weights_source": w.pretrained_source,
+            "fingerprint": self.fingerprint,
+            "task": c.model.task,
+            "precision": self.precision,
+            "preprocessing": w.preprocessing(),
+            "decode": c.compute.decode,
+            "embedding_dim": w.embedding_dim if C.wants_features(c.model.task) else None,
+            "versions": json.loads(self.schema.metadata[b"pipeline.versions"]),
+        }
 
     @cached_property
     def fingerprint(self) -> str:
@@ -80,8 +103,9 @@ class Summary:
     weights: str
     run_id: str = ""
     stages: dict[str, float] = field(default_factory=dict)  # Ray Data operator → wall seconds
-    report: str = ""
     efficiency: dict = field(default_factory=dict)  # efficiency.report: stages, actors, bottleneck
+
+    version: int | None = None  # the table's version that the run committed
 
     @property
     def images_per_second(self) -> float:
@@ -102,9 +126,10 @@ class Summary:
             out += efficiency.lines(self.efficiency)
         else:
             out += [f"stage     {name}: {secs:.1f} s" for name, secs in self.stages.items()]
-        out += [f"weights   {self.weights}", f"output    {self.output} ({len(self.files)} files)"]
-        if self.report:
-            out.append(f"report    {self.report}")
+        out += [
+            f"weights   {self.weights}",
+            f"output    {self.output}: Delta table version {self.version}, {len(self.files)} files added",
+        ]
         return out
 
 
@@ -132,12 +157,12 @@ def prepare(
 
     Args:
         listing: an input listing already made (incremental runs pass the new files only).
-        check_output: refuse a non-empty output (incremental runs own theirs).
+        check_output: refuse an output ``run`` cannot write (incremental runs check theirs).
         load_weights: load the weights' tensors now (a model-zoo file from the torch hub
             cache, or downloaded); incremental runs wait until they know there is work.
 
     Raises:
-        ValueError (InputError, OutputError, WeightsError, ConfigError): one line each.
+        ValueError (InputError, TableError, WeightsError, ConfigError): one line each.
     """
     so = config.storage_options
     listing = listing or sources.list_input(config.source.input, config.source.format, so)
@@ -146,9 +171,10 @@ def prepare(
     if load_weights:
         weights.state_dict  # noqa: B018  (loads them: a missing file is one line, before Ray)
     precision = resolve_precision(m.precision, _device(config))
+    plan = Plan(config, listing, weights, precision)
     if check_output:
-        sinks.check_output(config.sink.output, config.sink.overwrite, so)
-    return Plan(config, listing, weights, precision)
+        plan.table.check_writable(plan.schema, partitioned=False, replace=config.sink.overwrite)
+    return plan
 
 
 def _device(config: RunConfig) -> object:
@@ -236,6 +262,7 @@ def predictor_spec(plan: Plan, state_dict) -> PredictorSpec:
         device="cuda" if c.num_gpus_per_actor > 0 else "cpu",
         threads=threads,
         schema_metadata=plan.schema.metadata,
+        fingerprint=plan.fingerprint,
     )
 
 
@@ -378,26 +405,21 @@ class RunError(RunFailedError):
     """The run finished but its output is not what it read: nothing may say it succeeded."""
 
 
-def check_rows(read: int, found: int, where: str) -> None:
-    """Refuses a run whose rows in ``where`` are not the rows it read, one per input image."""
-    if found != read:
-        raise RunError(
-            f"{read} rows were read and written, but {found} are in {where}; "
-            "a local --output must be storage that the driver and every node share"
-        )
-
-
 @dataclass(frozen=True)
 class Execution:
-    staged: list[str]  # the staged file paths
+    committed: sinks.Committed  # the table's version, files and rows after the commit
     seconds: float
     stages: dict[str, float]
-    rows: int  # rows written, one per input image
     efficiency: dict = field(default_factory=dict)  # efficiency.report
 
 
-def execute(plan: Plan, staging: str) -> Execution:
-    """Runs the whole Ray Data chain into ``staging`` (a path readers skip); commits nothing."""
+def execute(plan: Plan, tx: sinks.Transaction, kept=None, facts=None) -> Execution:
+    """Runs the whole Ray Data chain into ``tx``'s table and commits it (the sink does, on
+    the driver, once every write task is done): nothing is visible before, all after.
+
+    ``kept``: ``sinks.KeptRows`` of the files the commit replaces (nightly); ``facts``: called
+    with the written files, gives what commitInfo adds (rows, errors, the error budget).
+    """
     import ray
 
     config = plan.config
@@ -410,28 +432,44 @@ def execute(plan: Plan, staging: str) -> Execution:
         t0 = time.perf_counter()
         stats = efficiency.start_stats()
         slots = cpu_actor_slots(config)
-        ds = build(plan, stats, slots)
-        staged = _watched(
-            lambda: sinks.get().write_staged(
-                ds, staging, plan.schema, config.sink.rows_per_file, config.storage_options, stats
-            ),
-            stats,
-            config.compute.stall_timeout,
-        )
+        ds = build(plan, stats, slots) if plan.listing.files else None
+        if ds is not None:
+            # Blocks of exactly rows_per_file rows (the last one fewer): one file each.
+            ds = ds.repartition(target_num_rows_per_block=config.sink.rows_per_file, strict=True)
+        if kept is not None:
+            old = sinks.kept_rows(
+                tx.table, kept.files, kept.drop, stats, decode_cpus(config.compute.cpus_per_actor)
+            )
+            ds = old if ds is None else ds.union(old)
+
+        cpus = ray.cluster_resources().get("CPU", 0)
+
+        def committed_facts(files) -> dict:
+            """What commitInfo adds: the command's facts, and the run's efficiency so far
+            (every write task is done; the model's last tells may still be on their way)."""
+            out = facts(files) if facts is not None else {}
+            r = efficiency.report(ray.get(stats.snapshot.remote()), run_start, time.time(), cpus)
+            keep = ("bottleneck", "steady_images_per_s", "start_up_s", "model_busy_fraction", "wall_s")
+            return {**out, "efficiency": {k: r[k] for k in keep if k in r}}
+
+        def write(stand_down):
+            sink = sinks.TableSink(tx, stats, before_commit=stand_down, info=committed_facts)
+            ds.write_datasink(sink)
+            return sink
+
+        sink = _watched(write, stats, config.compute.stall_timeout)
         seconds = time.perf_counter() - t0
         run_end = time.time()
-        check_rows(staged.rows, staged.visible_rows, f"the staged files that the driver sees under {staging}")
+        committed = sink.committed
+        new_rows = committed.added_rows - tx.carried_rows
         # Every stage tells of each row once; the last few tells may still be on their way.
         stages_run = 3 if config.compute.decode == "gpu" else 4
         deadline = time.monotonic() + 10
-        while ray.get(stats.value.remote()) < stages_run * staged.rows and time.monotonic() < deadline:
+        while ray.get(stats.value.remote()) < stages_run * new_rows and time.monotonic() < deadline:
             time.sleep(0.1)
         snapshot = ray.get(stats.snapshot.remote())
-        cpus = ray.cluster_resources().get("CPU", 0)
         report = efficiency.report(snapshot, run_start, run_end, cpus)
-        return Execution(
-            staged.files, seconds, stage_times(staged.executed.get_stats_summary()), staged.rows, report
-        )
+        return Execution(committed, seconds, stage_times(ds.get_stats_summary()), report)
     finally:
         if slots is not None and ray.is_initialized():
             from ray.util.placement_group import remove_placement_group
@@ -461,10 +499,14 @@ def _raise_in(thread_id: int) -> None:
 
 
 def _watched(work, stats, stall_timeout: float):
-    """Runs ``work`` (the Ray Data execution) in this thread and returns its result, unless
-    no batch is read or predicted for ``stall_timeout`` seconds: then the run fails with one
-    line saying what it waited for, instead of hanging (a lost node whose re-created
-    actors hold every CPU left would otherwise wait forever).
+    """Runs ``work(stand_down)`` (the Ray Data execution) in this thread and returns its
+    result, unless no batch is read or predicted for ``stall_timeout`` seconds: then the run
+    fails with one line saying what it waited for, instead of hanging (a lost node whose
+    re-created actors hold every CPU left would otherwise wait forever).
+
+    ``work`` calls ``stand_down()`` right before its commit: from then on no stall is
+    declared, so the interrupt can never land inside a commit; if one was declared just
+    before, ``stand_down`` raises it instead, and nothing is committed.
 
     A watcher thread raises ``_Stalled`` (a KeyboardInterrupt, as Ctrl+C would be) in this
     thread, so that Ray Data stops its own execution on the way out: the execution never
@@ -506,12 +548,22 @@ def _watched(work, stats, stall_timeout: float):
                     return
             return
 
+    def stand_down() -> None:
+        with lock:
+            finished.set()
+            declared = "message" in stalled
+        if declared:  # the watcher's interrupt is on its way: it lands in this wait
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise _Stalled
+
     watcher = threading.Thread(target=watch, name="stall-watchdog", daemon=True)
     watcher.start()
     received = False
     try:
         try:
-            value = work()
+            value = work(stand_down)
         except _Stalled:
             received = True
             raise
@@ -536,45 +588,33 @@ def _watched(work, stats, stall_timeout: float):
 
 
 def run(config: RunConfig, plan: Plan | None = None) -> Summary:
-    """Runs the whole job under the output's lease, commits it (``pipeline.commit``), reads
-    back what it committed, and writes the run report."""
+    """Runs the whole job and commits it to the output table in one Delta commit (with
+    ``--overwrite``, the same commit removes the table's old files), then summarises it."""
     plan = plan or prepare(config)
     run_id = new_run_id()
-    so, sink = config.storage_options, config.sink
-    root = commit.Root(sink.output, so)
-    with commit.Lease(root, run_id) as lease:
-        if commit.recover(root):
-            print("recovered the interrupted commit of an earlier run", file=sys.stderr)
-        sinks.check_output(sink.output, sink.overwrite, so)  # again, now that no one else writes
-        ex = execute(plan, sinks.staging_dir(sink.output, run_id))
-        lease.check()
-        old = [n for n in root.listing() if not commit.is_commit_file(n)] if sink.overwrite else []
-        moves = [(root.rel(p), posixpath.basename(p)) for p in ex.staged]
-        commit.commit(root, commit.Journal(run_id, deletes=old, moves=moves))
-        written = sinks.get().read_back(sink.output, so)
-        check_rows(ex.rows, written.rows, sink.output)
-        summary = Summary(
-            input_files=len(plan.listing.files),
-            skipped_files=plan.listing.skipped,
-            rows=written.rows,
-            ok=written.ok,
-            errors=written.errors,
-            seconds=ex.seconds,
-            output=sink.output,
-            files=written.files,
-            weights=f"{plan.weights.tag} ({plan.weights.pretrained_source})",
-            run_id=run_id,
-            stages=ex.stages,
-            report=f"{sink.output.rstrip('/')}/{sinks.REPORT_NAME}",
-            efficiency=ex.efficiency,
-        )
-        report = {
-            **summary.as_dict(),
-            "input": config.source.input,
-            "format": plan.listing.format,
-            "model": plan.weights.model,
-            "task": config.model.task,
-            "precision": plan.precision,
-        }
-        root.write_json(sinks.REPORT_NAME, sinks.report_json(report))
-    return summary
+    table = plan.table
+    removes = table.files() if config.sink.overwrite else []
+    info = {**plan.facts(), "command": "run", "partition": None}
+    tx = table.transaction(run_id, plan.schema, removes=removes, info=info)
+
+    def facts(files) -> dict:
+        rows, errors = sum(f.rows for f in files), sum(f.errors for f in files)
+        return {"rows": rows, "errors": errors, "rows_replaced": sum(f.rows for f in removes)}
+
+    ex = execute(plan, tx, facts=facts)
+    c = ex.committed
+    return Summary(
+        input_files=len(plan.listing.files),
+        skipped_files=plan.listing.skipped,
+        rows=c.added_rows,
+        ok=c.added_rows - c.added_errors,
+        errors=c.added_errors,
+        seconds=ex.seconds,
+        output=config.sink.output,
+        files=tuple(f.path for f in c.files),
+        weights=f"{plan.weights.tag} ({plan.weights.pretrained_source})",
+        run_id=run_id,
+        stages=ex.stages,
+        efficiency=ex.efficiency,
+        version=c.version,
+    )

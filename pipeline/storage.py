@@ -57,6 +57,30 @@ def options_for(uri: str, options: dict | None) -> dict:
     return dict(options.get(protocol, {}))
 
 
+def delta_options(uri: str, options: dict | None) -> dict[str, str]:
+    """delta-rs's storage options for the table at ``uri``: the endpoint and anonymous flag
+    that fsspec gets (``storage_options``), in delta-rs's own keys. Credentials are not
+    here: delta-rs, like s3fs, takes them from the standard AWS chain of the process. Its
+    client retries throttling, 5xx answers and timeouts with backoff (10 times by default).
+    """
+    protocol = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if protocol not in ("s3", "s3a", "s3n"):
+        return {}
+    s3 = options_for(uri, options)
+    out = {"timeout": f"{READ_TIMEOUT_S}s", "connect_timeout": f"{CONNECT_TIMEOUT_S}s"}
+    endpoint = s3.get("endpoint_url")
+    if endpoint:
+        out["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            out["AWS_ALLOW_HTTP"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        out["AWS_REGION"] = region
+    if s3.get("anon"):
+        out["AWS_SKIP_SIGNATURE"] = "true"
+    return out
+
+
 def is_hidden(relpath: str) -> bool:
     """Parquet readers (pyarrow, Spark, DuckDB) skip paths with a part starting with _ or ."""
     return any(part.startswith(("_", ".")) for part in relpath.split("/") if part)

@@ -209,19 +209,41 @@ def _of_ray(p, session: str) -> bool:
     return bool(cmdline) and (cmdline[0].startswith("ray::") or any(session in arg for arg in cmdline))
 
 
+MOTO = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+host, port = server.get_host_and_port()
+print(f"http://{host}:{port}", flush=True)
+sys.stdin.read()  # until the test session closes our end
+"""
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server in-process on 127.0.0.1, port 0, as s3fs's and Ray's own tests use."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on 127.0.0.1, port 0, as s3fs's and Ray's own tests use; in a process
+    of its own, because delta-rs holds this process's GIL while it waits for an answer (a
+    server in one of our threads would never answer it)."""
+    import subprocess
+    import sys
 
     os.environ.update(AWS_TEST_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, env={**os.environ, **AWS_TEST_ENV},
+    )  # fmt: skip
     try:
-        yield f"http://{host}:{port}"
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        yield url
     finally:
-        server.stop()
+        server.stdin.close()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 @pytest.fixture

@@ -83,8 +83,9 @@ def decode_batch(
     becomes its row's ``error``; the row is never dropped.
 
     Returns:
-        id, source, error and image (uint8 (N, crop, crop, 3); zeros on error rows). The
-        model actor sets each row's status from its error.
+        id, source, error and image (uint8 (N, crop, crop, 3); zeros on error rows), and
+        the batch's source_version when it has one. The model actor sets each row's status
+        from its error.
     """
     from pipeline import columns as C
 
@@ -98,12 +99,10 @@ def decode_batch(
             images[i] = decode(data, spec, max_pixels)
         except DecodeError as e:
             errors[i] = str(e)
-    return {
-        C.ID: batch[C.ID],
-        C.SOURCE: batch[C.SOURCE],
-        C.ERROR: errors,
-        C.IMAGE: images,
-    }
+    out = {C.ID: batch[C.ID], C.SOURCE: batch[C.SOURCE], C.ERROR: errors, C.IMAGE: images}
+    if C.SOURCE_VERSION in batch:
+        out[C.SOURCE_VERSION] = batch[C.SOURCE_VERSION]
+    return out
 
 
 def text_or_none(values) -> list[str | None]:

@@ -1,169 +1,113 @@
-"""Parquet out: the explicit schema, provenance in the footers, zero-padded file names.
+"""One data file of the table: Parquet (zstd), provenance in its footer, and what Delta
+records of it (size, row count, min/max and null counts) taken from the footer it wrote.
 
-Ray Data's own Parquet datasink writes the files, with our schema and file names; the
-driver counts rows from the write result and from the footers, never by reading the rows.
+Plain pyarrow, no Ray: the write tasks call ``write_file``, and so can a test.
 """
 
 from __future__ import annotations
 
-import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeline import columns as C
-from pipeline.sinks import Sink, Staged, Written, counts_schema
-from pipeline.storage import arrow_fs, url_to_fs
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.fs as pafs
 
 COMPRESSION = "zstd"
+# Row groups of about this many bytes: a reader holds one at a time. (pyarrow's default
+# of a million rows would make one row group of 8 GB of 2048-d embeddings.)
+ROW_GROUP_BYTES = 128 << 20
 
 
-class ParquetSink(Sink):
-    name = "parquet"
-    extension = ".parquet"
+@dataclass(frozen=True)
+class DataFile:
+    """A written data file, as the commit adds it (paths relative to the table root)."""
 
-    def write_staged(
-        self, ds, staging: str, schema: pa.Schema, rows_per_file: int, storage_options=None, stats=None
-    ) -> Staged:
-        """Runs the dataset into Parquet under ``staging`` (a path readers skip).
-
-        What Ray wrote and what the driver sees are counted separately: they differ when the
-        workers wrote somewhere the driver does not look (a local path on another node).
-        """
-        import uuid
-
-        import pyarrow.parquet as pq
-
-        sink = _counting_parquet_datasink()(
-            staging,
-            filesystem=arrow_fs(staging, storage_options),
-            arrow_parquet_args={"schema": schema, "compression": COMPRESSION},
-            min_rows_per_file=rows_per_file,
-            max_rows_per_file=rows_per_file,
-            filename_provider=_filename_provider(),
-            dataset_uuid=uuid.uuid4().hex,
-        )
-        sink.stats = stats  # the run's efficiency.Stats actor: each write task tells of its rows
-        # Blocks of exactly rows_per_file rows (the last one fewer): a write task's rows were
-        # "at least" rows_per_file, so each full file came with a fragment (100,000 + 32).
-        ds = ds.repartition(target_num_rows_per_block=rows_per_file, strict=True)
-        ds.write_datasink(sink)
-        fs, path = url_to_fs(staging, storage_options)
-        fs.invalidate_cache()
-        files = sorted(p for p in fs.find(path) if p.endswith(self.extension)) if fs.exists(path) else []
-        afs = arrow_fs(staging, storage_options)
-        visible = sum(pq.read_metadata(f, filesystem=afs).num_rows for f in files)
-        return Staged(files, sink.rows, visible, ds)
-
-    def read_back(self, uri: str, storage_options: dict | None = None) -> Written:
-        """Counts what a Parquet reader sees under ``uri`` (names starting with _ or . are not data),
-        from the files' footers: rows, and error rows as the non-null ``error`` values."""
-        fs, path = url_to_fs(uri, storage_options)
-        files = sorted(p for p in fs.find(path) if self.is_data(p[len(path) :]))
-        afs = arrow_fs(uri, storage_options)
-        rows = errors = 0
-        for f in files:
-            n, e = _footer_counts(f, afs)
-            rows, errors = rows + n, errors + e
-        return Written(tuple(fs.unstrip_protocol(p) for p in files), rows, rows - errors, errors)
-
-    def rows_per_source(self, files: list[str], uri: str, storage_options=None):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        fs = arrow_fs(uri, storage_options)
-        parts = []
-        for path in files:
-            t = pq.read_table(path, columns=[C.SOURCE, C.STATUS], filesystem=fs)
-            bad = pc.cast(pc.not_equal(t[C.STATUS], C.STATUS_OK), pa.int64())
-            g = (
-                pa.table({"source": t[C.SOURCE], "bad": bad})
-                .group_by("source")
-                .aggregate([("bad", "count"), ("bad", "sum")])
-            )
-            parts.append(
-                pa.table({"file": pa.array([path] * g.num_rows, pa.string()), "source": g["source"],
-                          "rows": g["bad_count"].cast(pa.int64()), "errors": g["bad_sum"].cast(pa.int64())})
-            )  # fmt: skip
-        return pa.concat_tables(parts) if parts else counts_schema().empty_table()
-
-    def carry(self, src: str, dst: str, drop, uri: str, storage_options=None) -> int:
-        """Streams ``src`` a row group at a time: the driver holds one, whatever the file's size."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        fs = arrow_fs(uri, storage_options)
-        dropped = pa.array(sorted(drop), pa.string())
-        kept = 0
-        with fs.open_input_file(src) as raw:
-            f = pq.ParquetFile(raw)
-            with pq.ParquetWriter(dst, f.schema_arrow, filesystem=fs, compression=COMPRESSION) as out:
-                for g in range(f.num_row_groups):
-                    t = f.read_row_group(g)
-                    t = t.filter(pc.invert(pc.is_in(t[C.SOURCE], value_set=dropped)))
-                    if t.num_rows:
-                        out.write_table(t)
-                        kept += t.num_rows
-        return kept
+    path: str
+    size: int
+    partition: dict[str, str] = field(default_factory=dict)  # partition column → value
+    rows: int = 0
+    errors: int = 0  # rows with an error (status "error")
+    stats: str = "{}"  # Delta's per-file statistics, JSON
+    modified_ms: int = 0
+    carried: bool = False  # rows kept from a file the commit replaces, not new ones
 
 
-def _footer_counts(path: str, filesystem) -> tuple[int, int]:
-    """(rows, error rows) of one file from its footer; the column itself only when a row
-    group has no statistics (files from elsewhere)."""
+def write_file(
+    table: pa.Table, fs: pafs.FileSystem, root: str, path: str, partition=None, carried: bool = False
+) -> DataFile:
+    """Writes ``table`` to ``<root>/<path>`` on the pyarrow file system ``fs``."""
     import pyarrow.parquet as pq
 
-    meta = pq.read_metadata(path, filesystem=filesystem)
-    column = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == C.ERROR)
-    errors = 0
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
-        stats = group.column(column).statistics
-        if stats is None or not stats.has_null_count:
-            table = pq.read_table(path, columns=[C.ERROR], filesystem=filesystem)
-            return meta.num_rows, table.num_rows - table[C.ERROR].null_count
-        errors += group.num_rows - stats.null_count
-    return meta.num_rows, errors
+    per_row = max(1, table.nbytes // max(1, table.num_rows))
+    collected: list = []
+    folder = f"{root}/{path}".rsplit("/", 1)[0]
+    fs.create_dir(folder, recursive=True)  # on object stores, no request
+    with fs.open_output_stream(f"{root}/{path}") as out:
+        with pq.ParquetWriter(
+            out, table.schema, compression=COMPRESSION, metadata_collector=collected
+        ) as writer:
+            writer.write_table(table, row_group_size=max(1, ROW_GROUP_BYTES // per_row))
+        size = out.tell()
+    meta = collected[0]
+    rows, stats = delta_stats(meta)
+    nulls = stats["nullCount"].get(C.ERROR)
+    errors = rows - nulls if nulls is not None else _errors(table)
+    return DataFile(
+        path=path,
+        size=size,
+        partition=dict(partition or {}),
+        rows=rows,
+        errors=errors,
+        stats=json.dumps(stats, separators=(",", ":")),
+        modified_ms=int(time.time() * 1000),
+        carried=carried,
+    )
 
 
-def _filename_provider():
-    from ray.data.datasource import FilenameProvider
+def delta_stats(meta) -> tuple[int, dict]:
+    """(rows, Delta's stats) of a Parquet footer: ``numRecords``, and ``minValues``,
+    ``maxValues`` and ``nullCount`` of each top-level column of a plain type whose every row
+    group has statistics (readers skip files with them; nested columns get none)."""
+    mins: dict = {}
+    maxs: dict = {}
+    nulls: dict = {}
+    for i in range(meta.num_columns):
+        column = meta.schema.column(i)
+        if "." in column.path:
+            continue  # nested (the lists): no statistics of their own in Delta
+        groups = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
+        if not groups or any(s is None for s in groups):
+            continue
+        if all(s.has_null_count for s in groups):
+            nulls[column.path] = sum(s.null_count for s in groups)
+        have = [s for s in groups if s.has_min_max]
+        if have and len(have) == len([s for s in groups if s.num_values]):
+            lo, hi = min(s.min for s in have), max(s.max for s in have)
+            if _jsonable(lo) and _jsonable(hi):
+                mins[column.path], maxs[column.path] = lo, hi
+    return meta.num_rows, {
+        "numRecords": meta.num_rows,
+        "minValues": mins,
+        "maxValues": maxs,
+        "nullCount": nulls,
+    }
 
-    class PartNames(FilenameProvider):
-        """``part-<task>-<write uuid>.parquet``: zero-padded, sortable, unique per run."""
 
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:06d}-{write_uuid}.parquet"
-
-    return PartNames(file_format="parquet")
+def _jsonable(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int))
 
 
-@functools.cache
-def _counting_parquet_datasink():
-    """Ray Data's Parquet datasink, keeping the row count of its write result on the driver."""
-    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+def _errors(table: pa.Table) -> int:
+    if C.STATUS not in table.column_names:
+        return 0
+    import pyarrow.compute as pc
 
-    class CountingParquetDatasink(ParquetDatasink):
-        rows = 0
-        stats = None
-
-        def write(self, blocks, ctx):
-            import time
-
-            from ray.data.block import BlockAccessor
-
-            from pipeline.efficiency import tell
-
-            start, t0 = time.time(), time.perf_counter()
-            blocks = list(blocks)
-            out = super().write(blocks, ctx)
-            tell(self.stats, "write", sum(BlockAccessor.for_block(b).num_rows() for b in blocks), start, t0)
-            return out
-
-        def on_write_complete(self, write_result):
-            super().on_write_complete(write_result)
-            self.rows = write_result.num_rows
-
-    return CountingParquetDatasink
+    return pc.sum(pc.equal(table[C.STATUS], C.STATUS_ERROR)).as_py() or 0

@@ -19,6 +19,7 @@ READ_SCHEMA = pa.schema(
         pa.field(C.SOURCE, pa.string()),
         pa.field(C.BYTES, pa.binary()),
         pa.field(C.ERROR, pa.string()),
+        pa.field(C.SOURCE_VERSION, pa.string()),
     ]
 )
 
@@ -37,6 +38,13 @@ class Shard:
     root: str  # the input root, for ids relative to it
     uris: tuple[str, ...]
     size: int  # bytes, from the listing
+    versions: tuple[str, ...] = ()  # each file's version (size:ETag|mtime), from the listing
+
+    def version_of(self, uri: str) -> str | None:
+        """The listed version of ``uri``, one of this shard's files (None: not known)."""
+        if not self.versions:
+            return None
+        return self.versions[self.uris.index(uri)] if len(self.uris) > 1 else self.versions[0]
 
 
 @dataclass(frozen=True)

@@ -185,10 +185,15 @@ def _nouns(fmts, word: str) -> str:
 @bulk
 def shards(listing: Listing) -> list[Shard]:
     """Groups the listing into read units: one per container file, chunks of loose files."""
+    v = listing.versions
     if lookup(listing.format).container:
-        return [Shard(listing.format, listing.root, (u,), s) for u, s in listing.files]
+        return [
+            Shard(listing.format, listing.root, (u,), s, (v[u],) if u in v else ()) for u, s in listing.files
+        ]
     out = []
     for i in range(0, len(listing.files), FILES_PER_SHARD):
         chunk = listing.files[i : i + FILES_PER_SHARD]
-        out.append(Shard(listing.format, listing.root, tuple(u for u, _ in chunk), sum(s for _, s in chunk)))
+        uris = tuple(u for u, _ in chunk)
+        versions = tuple(v[u] for u in uris) if all(u in v for u in uris) else ()
+        out.append(Shard(listing.format, listing.root, uris, sum(s for _, s in chunk), versions))
     return out

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline import columns as C
 from pipeline.sources import images, parquet, webdataset
-from pipeline.sources.base import READ_SCHEMA, ROWS_PER_BATCH, Format, InputError, Shard
+from pipeline.sources.base import READ_SCHEMA, ROWS_PER_BATCH, Format, InputError, Shard, relative_id
 from pipeline.storage import redact, url_to_fs
 
 AUTO = "auto"  # not a format: detect one from the files' extensions
@@ -53,22 +53,43 @@ register(webdataset.FORMAT)
 register(parquet.FORMAT)
 
 
+def _every_file_has_a_row(shard: Shard, rows: Iterator) -> Iterator:
+    """``rows``, then one error row for each file of the shard that gave none (an empty tar
+    or Parquet file): every input is in the output, so the nightly job knows it is done,
+    and a reader can see that it held no image."""
+    seen = set()
+    for row in rows:
+        seen.add(row[1])
+        yield row
+    for uri in shard.uris:
+        if uri not in seen:
+            yield (
+                relative_id(uri, shard.root),
+                uri,
+                None,
+                f"no images in this {lookup(shard.format).files[:-1]}",
+            )
+
+
 def read_shard(
     shard: Shard,
     image_column: str = "image",
     id_column: str = "id",
     storage_options: dict | None = None,
 ) -> Iterator[pa.Table]:
-    """Yields tables of READ_SCHEMA; a row has bytes, or an error saying why it has none."""
+    """Yields tables of READ_SCHEMA; a row has bytes, or an error saying why it has none.
+
+    Each row carries its file's listed version: the nightly job finds it in the table."""
     read = lookup(shard.format).read
     fs, _ = url_to_fs(shard.uris[0], storage_options)
-    rows = read(fs, shard, image_column=image_column, id_column=id_column)
+    rows = _every_file_has_a_row(shard, read(fs, shard, image_column=image_column, id_column=id_column))
     while batch := list(itertools.islice(rows, ROWS_PER_BATCH)):
         # ids and sources are stored in the output: never with a URI's credentials.
         yield pa.Table.from_pylist(
             [
-                {C.ID: redact(rid), C.SOURCE: redact(src), C.BYTES: data, C.ERROR: error}
+                {C.ID: redact(rid), C.SOURCE: redact(src), C.BYTES: data, C.ERROR: error,
+                 C.SOURCE_VERSION: shard.version_of(src)}
                 for rid, src, data, error in batch
             ],
             schema=READ_SCHEMA,
-        )
+        )  # fmt: skip

@@ -46,6 +46,14 @@ def test_pretrained_weights_from_the_hub_cache_give_named_classes(tmp_path):
     examples = re.findall(r"^example   (\S+): (.+) \((\d\.\d\d)\)$", proc.stdout, flags=re.MULTILINE)
     assert len(examples) == 3 and [e[0] for e in examples] == sorted(e[0] for e in examples)
     assert all(name in entry.meta["categories"] for _, name, _ in examples)
+    out = str(tmp_path / "out")
+    assert f"table     {out}: a Delta Lake table, version 1, 6 rows" in proc.stdout
+    read = next(li for li in proc.stdout.splitlines() if li.startswith("read it   ")).removeprefix(
+        "read it   "
+    )
+    shown = subprocess.run(read.replace(".venv/bin/python", sys.executable), shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert shown.returncode == 0 and "shape: (6, 15)" in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_without_a_network_it_falls_back_to_random_weights_and_says_how_to_fix_it(tmp_path):

@@ -1,6 +1,5 @@
 """End to end on a local Ray (2 CPUs): every input format and task, checked against torchvision."""
 
-import glob
 import os
 import subprocess
 import sys
@@ -8,11 +7,14 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from pipeline import columns as C
+from pipeline import sinks
 from pipeline.cli import config_from_args, get_args_parser, parse_args
 from pipeline.run import run
 from tests.conftest import ALL, BROKEN, FIDELITY_IDS, reference
+from tests.tables import columns
 
 pytestmark = pytest.mark.e2e
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,8 +26,9 @@ def run_pipeline(*argv):
 
 
 def read_output(folder):
-    files = sorted(glob.glob(os.path.join(folder, "*.parquet")))
-    assert files, f"no Parquet under {folder}"
+    """The table's rows, from the files its latest version names (their footers too)."""
+    files = sorted(os.path.join(folder, f.path) for f in sinks.Table(folder).files())
+    assert files, f"no data files in the table at {folder}"
     return pq.read_table(files), files
 
 
@@ -71,8 +74,7 @@ def test_every_format_gives_every_row_once_and_torchvision_numbers(
     )
     table, _ = read_output(out)
 
-    schema = C.output_schema("both", 512)
-    assert table.schema.equals(schema, check_metadata=False)
+    assert columns(table.schema) == columns(C.output_schema("both", 512))
     meta = table.schema.metadata
     assert meta[b"pipeline.model"] == b"resnet18"
     assert meta[b"pipeline.weights"].startswith(b"sha256:")
@@ -115,6 +117,7 @@ def test_decode_gpu_on_cpu_actors_gives_the_same_rows(
     assert summary.stages and not any("decode" in stage for stage in summary.stages), summary.stages
     table, _ = read_output(out)
     assert b'"decode": "gpu"' in table.schema.metadata[b"pipeline.preprocessing"]
+    assert DeltaTable(out).history(1)[0]["pipeline"]["decode"] == "gpu"
     to_id = FORMATS["webdataset"][2]
     rows = {r[C.ID]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(to_id(k) for k in ALL)
@@ -143,7 +146,7 @@ def test_classify_task_and_file_sizing(tmp_path, ray_cluster, images_dir, resnet
         "3",
     )
     table, files = read_output(out)
-    assert table.schema.equals(C.output_schema("classify", 512), check_metadata=False)
+    assert columns(table.schema) == columns(C.output_schema("classify", 512))
     assert table.num_rows == len(ALL)
     sizes = sorted(pq.ParquetFile(f).metadata.num_rows for f in files)
     # --rows-per-file is honoured: every file holds 5 rows but one, the remainder (a full
@@ -155,7 +158,7 @@ def test_classify_task_and_file_sizing(tmp_path, ray_cluster, images_dir, resnet
 
 def test_resnet50_features_are_2048_and_overwrite_replaces(tmp_path, ray_cluster, images_dir):
     out = str(tmp_path / "out")
-    for _ in range(2):  # the second run replaces the first
+    for _ in range(2):  # the second run replaces the first, in one commit
         run_pipeline(
             "--input",
             f"{images_dir}/good",
@@ -171,11 +174,15 @@ def test_resnet50_features_are_2048_and_overwrite_replaces(tmp_path, ray_cluster
             "--overwrite",
         )
     table, _ = read_output(out)
-    assert table.schema.equals(C.output_schema("features", 2048), check_metadata=False)
+    assert columns(table.schema) == columns(C.output_schema("features", 2048))
     assert table.num_rows == len([k for k in ALL if k.startswith("good/")])
     emb = np.array(table[C.EMBEDDING].to_pylist())
+    assert emb.shape == (table.num_rows, 2048)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     assert set(table[C.WEIGHTS].to_pylist()) == {"none"}
+    first, second = (DeltaTable(out, version=v).to_pyarrow_table().num_rows for v in (1, 2))
+    assert first == second == table.num_rows  # version 1 still holds the first run's rows
+    assert DeltaTable(out).history(1)[0]["pipeline"]["rows_replaced"] == first
 
 
 def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, images_dir, resnet18_checkpoint):
@@ -206,7 +213,7 @@ def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, imag
     assert f"joined the Ray cluster at {address} (RAY_ADDRESS): 1 nodes, 2 CPUs, 0 GPUs" in proc.stderr
     assert f"rows      {len(BROKEN)} (0 ok, {len(BROKEN)} error)" in proc.stdout
     table, _ = read_output(out)
-    assert table.schema.equals(C.output_schema("features", 512), check_metadata=False)
+    assert columns(table.schema) == columns(C.output_schema("features", 512))
     assert sorted(table[C.ID].to_pylist()) == sorted(k.removeprefix("bad/") for k in BROKEN)
 
 
@@ -250,8 +257,8 @@ def test_gpu_actor_pool_runs_two_calls_at_once_and_keeps_every_row(ray_cluster, 
 def test_credentials_in_uris_are_never_printed_or_stored(
     tmp_path, capsys, ray_cluster, images_dir, resnet18_checkpoint, http_dir
 ):
-    """A presigned checkpoint URL put its key id, signature and token into _report.json and
-    the summary; a user:password@ URL its password."""
+    """A presigned checkpoint URL put its key id, signature and token into the run report and
+    the summary; a user:password@ URL its password. Nor may the commit or the footers hold them."""
     import json
     import shutil
 
@@ -270,9 +277,9 @@ def test_credentials_in_uris_are_never_printed_or_stored(
     assert cli.main(argv) == 0
     printed = capsys.readouterr()
     assert "r18.pth?<redacted>" in printed.err
-    stored = (out / "_report.json").read_text()
-    assert "r18.pth?<redacted>" in stored
-    footer = pq.read_schema(glob.glob(f"{out}/*.parquet")[0]).metadata
+    stored = "".join(p.read_text() for p in sorted((out / "_delta_log").glob("*.json")))
+    assert "r18.pth?<redacted>" in DeltaTable(str(out)).history(1)[0]["pipeline"]["weights_source"]
+    footer = pq.read_schema(read_output(str(out))[1][0]).metadata
     text = (
         printed.out + printed.err + stored + json.dumps({k.decode(): v.decode() for k, v in footer.items()})
     )
@@ -328,7 +335,7 @@ def test_the_stall_watchdog_stops_the_run_in_its_own_thread(ray_cluster, where):
     stats = efficiency.start_stats()
     stop = threading.Event()
 
-    def stalled():  # an execution that makes no progress (no batch is ever told)
+    def stalled(stand_down):  # an execution that makes no progress (no batch is ever told)
         while not stop.wait(0.05):
             pass
 
@@ -355,3 +362,32 @@ def test_the_stall_watchdog_stops_the_run_in_its_own_thread(ray_cluster, where):
         finally:
             signal.signal(signal.SIGINT, old)
     assert results and results[0].startswith("no progress for 1 s (--stall-timeout) after 0 rows"), results
+
+
+def test_the_stall_watchdog_stands_down_before_a_commit_and_never_interrupts_it(ray_cluster):
+    """Once the run calls ``stand_down`` (right before its commit) no stall is declared, however
+    long the commit takes; a stall declared just before it stops the run there instead."""
+    import time
+
+    from pipeline import efficiency
+    from pipeline.run import RunError, _watched
+
+    stats = efficiency.start_stats()
+
+    def slow_commit(stand_down):
+        stand_down()
+        time.sleep(3.0)  # a commit on a slow store: three stall timeouts long
+        return "committed"
+
+    assert _watched(slow_commit, stats, stall_timeout=1.0) == "committed"
+
+    committed = []
+
+    def late(stand_down):
+        time.sleep(2.5)  # the stall is declared (after 1 s without progress, checked every 0.25 s)
+        stand_down()
+        committed.append(True)
+
+    with pytest.raises(RunError, match="no progress for 1 s"):
+        _watched(late, stats, stall_timeout=1.0)
+    assert committed == []

@@ -3,13 +3,14 @@
 import hashlib
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from pipeline import cli
 from pipeline import columns as C
 from tests.conftest import ALL, BROKEN
 from tests.faultproxy import FaultProxy
+from tests.tables import columns
 
 pytestmark = pytest.mark.e2e
 
@@ -26,13 +27,12 @@ def pyarrow_s3(endpoint: str) -> pafs.S3FileSystem:
 
 
 def read_back(endpoint: str, prefix: str):
+    """The table's rows: its log read by delta-rs, its files by pyarrow's own S3 client."""
     fs = pyarrow_s3(endpoint)
-    files = [
-        f.path
-        for f in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-        if f.path.endswith(".parquet") and "/_" not in f.path
-    ]
-    return pq.read_table(files, filesystem=fs), files
+    options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+    delta = DeltaTable(f"s3://{prefix}", storage_options=options)
+    data = delta.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(prefix, fs))
+    return data.to_table(), delta
 
 
 @pytest.fixture
@@ -71,8 +71,8 @@ def test_read_every_format_and_write_back_to_a_bucket(
     )
     out = capsys.readouterr()
     assert code == 0, out.err[-2000:]
-    table, _ = read_back(s3_server, f"data/out/{fmt}")
-    assert table.schema.equals(C.output_schema("both", 512), check_metadata=False)
+    table, delta = read_back(s3_server, f"data/out/{fmt}")
+    assert columns(table.schema) == columns(C.output_schema("both", 512))
     assert sorted(table[C.ID].to_pylist()) == sorted(to_id(k) for k in ALL)
     assert table[C.STATUS].to_pylist().count("error") == len(BROKEN)
     root = prefix.split("/shard-")[0]
@@ -80,13 +80,16 @@ def test_read_every_format_and_write_back_to_a_bucket(
     with open(resnet18_checkpoint, "rb") as f:  # the checkpoint came from the bucket
         assert table[C.WEIGHTS][0].as_py() == "sha256:" + hashlib.sha256(f.read()).hexdigest()
 
-    # Nothing staged is left; the report sits beside the data, where readers skip it.
+    # One commit made the rows visible; it records the run, and no credentials.
+    info = delta.history(1)[0]["pipeline"]
+    assert info["rows"] == len(ALL) and info["errors"] == len(BROKEN) and info["format"] == fmt
     fs = pyarrow_s3(s3_server)
-    names = [f.path for f in fs.get_file_info(pafs.FileSelector(f"data/out/{fmt}", recursive=True))]
-    assert not [n for n in names if "_staging-" in n]
-    assert f"data/out/{fmt}/_report.json" in names
-    report = fs.open_input_stream(f"data/out/{fmt}/_report.json").read().decode()
-    assert f'"rows": {len(ALL)}' in report and "testing" not in report  # no credentials
+    log = [
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(f"data/out/{fmt}/_delta_log"))
+        if f.path.endswith(".json")
+    ]
+    assert not [p for p in log if b"testing" in fs.open_input_stream(p).read()]
 
 
 def test_missing_bucket_and_key_fail_before_any_work(s3, capsys, tmp_path):
@@ -159,31 +162,3 @@ def test_transient_faults_are_retried_and_every_row_lands_once(
     ids = table[C.ID].to_pylist()
     assert sorted(ids) == sorted(ALL) and len(set(ids)) == len(ids)
     assert table[C.STATUS].to_pylist().count("error") == len(BROKEN)
-
-
-def test_the_output_lease_on_s3_is_a_conditional_put(s3):
-    """Create-exclusive with If-None-Match: *, take-over and release with If-Match, on
-    moto's S3 server: two runs never hold one output root."""
-    import json
-    import time
-
-    from pipeline.commit import LOCK, Lease, LeaseHeld, Root
-
-    s3.mkdir("out")
-    root = Root("s3://out/features", {"s3": {"endpoint_url": s3.endpoint_url}})
-    assert root.s3
-    with Lease(root, "run-a") as a:
-        assert json.loads(root.read_bytes(LOCK))["run_id"] == "run-a"
-        with pytest.raises(LeaseHeld, match="is in use by run run-a"):
-            Lease(Root("s3://out/features"), "run-b").acquire()
-        a.check()
-    assert not root.exists(LOCK)
-
-    stale = {"run_id": "dead", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600,
-             "expires_after_s": 120, "started": "x"}  # fmt: skip
-    root.fs.pipe_file(root.abs(LOCK), json.dumps(stale).encode())
-    with Lease(root, "run-c") as c:
-        assert json.loads(root.read_bytes(LOCK))["run_id"] == "run-c"
-        assert not c._swap(json.dumps(stale).encode(), b"{}")  # a compare-and-swap on old bytes fails
-        assert c._swap(c._mine, c._mine)  # and on the current bytes succeeds
-    assert not root.exists(LOCK)

@@ -23,7 +23,7 @@ def run_cli(*args, cwd=ROOT):
 
 def test_version():
     out = run_cli("--version")
-    assert out.returncode == 0 and out.stdout.strip() == "python -m pipeline 0.1.0"
+    assert out.returncode == 0 and out.stdout.strip() == "python -m pipeline 0.2.0"
 
 
 @pytest.fixture
@@ -78,7 +78,9 @@ def test_empty_input_and_existing_output(tmp_path, images_dir, capsys):
     args = ["run", "--input", images_dir, "--output", str(tmp_path / "o"), "--weights", "none"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: output {tmp_path / 'o'} exists and is not empty; pass --overwrite to replace it"
+    o = tmp_path / "o"
+    assert err == f"error: output {o} exists, is not empty and is not a Delta table; choose another --output"
+    assert cli.main([*args, "--overwrite"]) == 2  # --overwrite replaces a table's rows, never other files
     assert (tmp_path / "o" / "old.parquet").exists()
 
 

@@ -15,6 +15,6 @@ def test_the_scale_bench_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = (tmp_path / "r").iterdir()
     record = json.loads(path.read_text())
-    steps = {"listing", "planning", "ledger save", "ledger load", "ledger plan", "commit books",
-             "commit moves", "no-op nightly", "no-op command"}  # fmt: skip
+    steps = {"listing", "planning", "table load", "table inputs", "table plan", "no-op nightly",
+             "no-op command", "commit"}  # fmt: skip
     assert set(record["sizes"]["400"]) == steps and set(record["growth_exponent"]) == steps
