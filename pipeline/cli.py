@@ -92,15 +92,16 @@ def _groups(command: str):
 def load_config_file(path: str, command: str, storage_options: dict) -> dict:
     """Reads a YAML or TOML options file (any fsspec URI); keys are flag names, with - or _."""
     from pipeline.config import ConfigError
-    from pipeline.storage import open_file
+    from pipeline.storage import check_uri, open_file
 
+    check_uri(path, "--config")
     try:
         with open_file(path, "rb", storage_options) as f:
             raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except Exception as e:  # a store's refusal too (botocore's ParamValidationError is no OSError)
+        raise ConfigError(f"cannot read config file {path}: {type(e).__name__}: {e}") from None
     try:
         if path.endswith(".toml"):
             import tomllib
@@ -187,6 +188,7 @@ def announce(plan) -> None:
         ),
         file=sys.stderr,
     )
+    show_skipped(plan.listing, plan.config.source.verbose)
     on_cpu = plan.config.compute.num_gpus_per_actor == 0
     if plan.config.compute.decode == "gpu" and on_cpu:
         print(
@@ -203,6 +205,13 @@ def announce(plan) -> None:
                 "it is emulated and slower than fp32",
                 file=sys.stderr,
             )
+
+
+def show_skipped(listing, verbose: bool) -> None:
+    """With --verbose, each file under the input that is not an input, and why."""
+    if verbose:
+        for uri, why in listing.skips:
+            print(redact(f"skipped   {uri}: {why}"), file=sys.stderr)
 
 
 def guarded(work) -> int:
@@ -224,14 +233,14 @@ def guarded(work) -> int:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def one_line(e: BaseException, traceback: bool = False) -> str:
-    """An error as one line of at most 300 characters. A Ray task error's text is a
+def one_line(e: BaseException, traceback: bool = False, limit: int = 300) -> str:
+    """An error as one line of at most ``limit`` characters. A Ray task error's text is a
     traceback, whose last line names the cause; a store's error (delta-rs's) is a chain of
     causes, one per line: its first and last say what failed and why."""
     lines = [" ".join(_ANSI.sub("", ln).replace("↳", "").split()) for ln in str(e).strip().splitlines()]
     lines = [ln for ln in lines if ln] or [type(e).__name__]
     text = lines[-1] if traceback or len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
-    return text[:300]
+    return text[:limit]
 
 
 def nightly_command(args: argparse.Namespace) -> int:
@@ -256,7 +265,9 @@ def nightly_command(args: argparse.Namespace) -> int:
 
 
 def fail(message: str) -> int:
-    print(redact(f"error: {message}"), file=sys.stderr)
+    """One line on stderr, credentials removed, and the bad-input exit code. A message that
+    quotes a client's error of several lines keeps its first and last."""
+    print(redact(f"error: {one_line(Exception(message), limit=1000)}"), file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -310,7 +321,7 @@ def table_command(args: argparse.Namespace) -> int:
     table root (an empty string, a typo, a bare ``s3://``) is refused in one line, and
     nothing is created or deleted."""
     from pipeline import sinks
-    from pipeline.storage import canonical_uri
+    from pipeline.storage import canonical_uri, check_uri
 
     def go() -> int:
         if args.command == "recover":
@@ -319,7 +330,7 @@ def table_command(args: argparse.Namespace) -> int:
                 "nothing half done; `python -m pipeline vacuum OUTPUT` removes the files it wrote"
             )
         so = StorageConfig(args.s3_endpoint_url, args.s3_anonymous).options
-        uri = canonical_uri(args.output) if args.output.strip() else args.output
+        uri = canonical_uri(check_uri(args.output, "OUTPUT")) if args.output.strip() else args.output
         if args.command == "migrate":
             from pipeline.sinks.migrate import migrate
 

@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import date
 
 from pipeline.errors import BadInputError
-from pipeline.storage import canonical_uri, overlap, storage_options
+from pipeline.storage import canonical_uri, check_uri, overlap, storage_options
 
 # The allowed values, defined here once; the stages import them. (Input formats are the
 # sources' registry's names: a new format is a new module there, not a line here.)
@@ -74,10 +74,14 @@ class SourceConfig:
     image_column: str = setting("image", "Parquet input: the image bytes column")
     id_column: str = setting("id", "Parquet input: the id column (absent: <file>#<row>)")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images become error rows (Pillow's limit)")
+    verbose: bool = setting(False, "list each file under the input that is not an input, and why")
 
     def __post_init__(self):
         _require(bool(self.input), "--input is required")
-        object.__setattr__(self, "input", canonical_uri(self.input))
+        # Known by the path it is given as: symbolic links are not resolved (see canonical_uri).
+        object.__setattr__(
+            self, "input", canonical_uri(check_uri(self.input, "--input"), resolve_links=False)
+        )
         _require(bool(self.format), "--format must not be empty")
         _require(self.max_pixels > 0, f"--max-pixels must be positive, got {self.max_pixels}")
 
@@ -90,7 +94,7 @@ class SinkConfig:
 
     def __post_init__(self):
         _require(bool(self.output), "--output is required")
-        object.__setattr__(self, "output", canonical_uri(self.output))
+        object.__setattr__(self, "output", canonical_uri(check_uri(self.output, "--output")))
         _require(self.rows_per_file >= 1, f"--rows-per-file must be at least 1, got {self.rows_per_file}")
 
 
@@ -130,6 +134,9 @@ class ModelConfig:
         _choice("task", self.task, TASKS)
         _choice("precision", self.precision, PRECISIONS)
         _require(bool(self.weights), "--weights must not be empty")
+        check_uri(self.weights, "--weights")
+        if self.labels:
+            check_uri(self.labels, "--labels")
         _require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
         for flag, v in (("--resize-size", self.resize_size), ("--crop-size", self.crop_size)):
             _require(v is None or v >= 1, f"{flag} must be positive, got {v}")

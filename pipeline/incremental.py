@@ -192,6 +192,9 @@ def run_nightly(
         raise ConfigError("nightly takes no --overwrite: it replaces changed inputs' rows by itself")
     so = config.storage_options
     listing = sources.list_input(config.source.input, config.source.format, so)
+    if config.source.verbose:
+        for uri, why in listing.skips:
+            print(redact(f"skipped   {uri}: {why}"), file=sys.stderr)
     real = ledger_keys(listing.versions)
     versions = {key: listing.versions[u] for key, u in real.items()}
     # Weights and preprocessing are settled for the whole listing before anything runs.

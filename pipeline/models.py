@@ -298,16 +298,16 @@ def _checkpoint_transforms(
     return ImageClassification(crop_size=crop_size, resize_size=resize_size)
 
 
-def _read_bytes(uri: str, storage_options: dict | None) -> bytes:
+def _read_bytes(uri: str, storage_options: dict | None, what: str = "checkpoint") -> bytes:
     from pipeline.storage import open_file
 
     try:
         with open_file(uri, "rb", storage_options) as f:
             return f.read()
     except FileNotFoundError:
-        raise WeightsError(f"checkpoint not found: {uri}") from None
+        raise WeightsError(f"{what} not found: {uri}") from None
     except Exception as e:
-        raise WeightsError(f"cannot read checkpoint {uri}: {type(e).__name__}: {e}") from None
+        raise WeightsError(f"cannot read {what} {uri}: {type(e).__name__}: {e}") from None
 
 
 def _load_state_dict(uri: str, data: bytes) -> dict[str, torch.Tensor]:
@@ -353,7 +353,7 @@ def _categories(
     known: list[str] | None,
 ) -> list[str]:
     if labels:
-        text = _read_bytes(labels, storage_options).decode("utf-8")
+        text = _read_bytes(labels, storage_options, "labels file").decode("utf-8")
         names = [line.strip() for line in text.splitlines()]
         while names and not names[-1]:
             names.pop()

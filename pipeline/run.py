@@ -106,6 +106,7 @@ class Summary:
     efficiency: dict = field(default_factory=dict)  # efficiency.report: stages, actors, bottleneck
 
     version: int | None = None  # the table's version that the run committed
+    skipped_why: dict[str, int] = field(default_factory=dict)  # why files were skipped → how many
 
     @property
     def images_per_second(self) -> float:
@@ -119,7 +120,12 @@ class Summary:
     def lines(self) -> list[str]:
         out = [
             f"rows      {self.rows} ({self.ok} ok, {self.errors} error) from {self.input_files} input files"
-            + (f", {self.skipped_files} other files skipped" if self.skipped_files else ""),
+            + (f", {self.skipped_files} other files skipped" if self.skipped_files else "")
+            + (
+                f" ({', '.join(f'{n} {why}' for why, n in self.skipped_why.items())})"
+                if self.skipped_why
+                else ""
+            ),
             f"speed     {self.images_per_second:.1f} images/s ({self.seconds:.1f} s wall)",
         ]
         if self.efficiency:
@@ -617,4 +623,5 @@ def run(config: RunConfig, plan: Plan | None = None) -> Summary:
         stages=ex.stages,
         efficiency=ex.efficiency,
         version=c.version,
+        skipped_why=plan.listing.skipped_why(),
     )

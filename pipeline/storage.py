@@ -87,13 +87,17 @@ def is_hidden(relpath: str) -> bool:
 
 
 def url_to_fs(uri: str, options: dict | None = None):
-    """fsspec's ``url_to_fs`` with the run's options for that protocol.
+    """fsspec's ``url_to_fs`` with the run's options for that protocol. A local path (no
+    scheme) is taken literally: fsspec would read ``a::b`` as a chain of file systems and
+    open ``a``.
 
     Raises:
         BadInputError: fsspec refuses the URI (an unknown protocol, say).
     """
     import fsspec
 
+    if "://" not in uri:
+        return fsspec.filesystem("file"), os.path.abspath(uri) if uri else uri
     try:
         return fsspec.core.url_to_fs(uri, **options_for(uri, options))
     except (ValueError, ImportError) as e:
@@ -111,6 +115,9 @@ def arrow_fs(uri: str, options: dict | None = None):
 def open_file(uri: str, mode: str = "rb", options: dict | None = None):
     import fsspec
 
+    if "://" not in uri:  # literally, as url_to_fs takes it
+        fs, path = url_to_fs(uri)
+        return fs.open(path, mode)
     try:
         return fsspec.open(uri, mode, **options_for(uri, options))
     except (ValueError, ImportError) as e:
@@ -121,16 +128,20 @@ def open_file(uri: str, mode: str = "rb", options: dict | None = None):
 # URL carries the key id, signature and session token there). Other schemes keep theirs:
 # "?" is a legal character of file and object names.
 _USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]+@")
+# "user:password@" without its scheme, as a client quotes a URI's host back
+# ('Invalid bucket name "AKIA…:secret@bucket"'): anything of that shape before a host.
+_BARE_USERINFO = re.compile(r"""(?<![\w.+%-])[^\s/"'`@:<>]+:[^\s/"'`@<>]+@(?=[\w.-])""")
 _QUERY = re.compile(r"\b(https?://[^\s?#\"'`]*)\?[^\s#\"'`]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """``text`` with the credentials of every URI in it removed.
+    """``text`` with the credentials of every URI in it removed, wherever they appear.
 
-    Applied to whatever leaves a run: printed lines, logs, the report, manifests, the
-    ledger, Parquet metadata and the ``source``/``id`` columns.
+    Applied to whatever leaves a run: printed lines, logs, commitInfo, Parquet metadata and
+    the ``source``/``id`` columns, and the text of a client's error about such a URI.
     """
-    return _QUERY.sub(r"\1?<redacted>", _USERINFO.sub(r"\1<redacted>@", text))
+    text = _USERINFO.sub(r"\1<redacted>@", text)
+    return _QUERY.sub(r"\1?<redacted>", _BARE_USERINFO.sub("<redacted>@", text))
 
 
 def redact_all(value):
@@ -146,13 +157,38 @@ def redact_all(value):
 
 # Schemes fsspec serves with the same file system (s3fs, gcsfs, adlfs).
 _SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+# Object stores: their credentials come from the process's chain, never from a URI.
+OBJECT_STORES = {"s3", "gs", "az", "adl", "oss"}
 
 
-def canonical_uri(uri: str) -> str:
+def check_uri(uri: str, flag: str) -> str:
+    """Refuses, in one line, a URI that would not mean what it says: credentials in an
+    object-store URI (s3fs and delta-rs would take ``KEY:SECRET@bucket`` for a bucket's
+    name, and the error would print the secret), or fsspec's ``::`` chaining in a URI
+    with a scheme. A local path is taken literally, ``::`` included (``url_to_fs``)."""
+    if "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())
+    if scheme in OBJECT_STORES and "@" in rest.split("/", 1)[0]:
+        raise BadInputError(
+            f"{flag} {redact(uri)}: an object-store URI carries no credentials; they come from the "
+            "standard chain (environment, profile, instance role)"
+        )
+    if "::" in uri:
+        raise BadInputError(
+            f"{flag} {redact(uri)}: '::' (fsspec's chaining of file systems) is not supported"
+        )
+    return uri
+
+
+def canonical_uri(uri: str, resolve_links: bool = True) -> str:
     """``uri`` in one absolute spelling, settled on the driver before anything else.
 
-    Local paths (and ``file://`` URIs) become real absolute paths: relative to the driver's
-    folder, with symbolic links, ``.`` and ``..`` resolved. Object-store URIs keep their
+    Local paths (and ``file://`` URIs) become absolute paths: relative to the driver's
+    folder, with ``.`` and ``..`` resolved, and symbolic links too unless
+    ``resolve_links`` is false (an input is known by the path it is given as: a ``current``
+    link re-pointed at new files names the same inputs). Object-store URIs keep their
     scheme and bucket, with ``.``, ``..`` and repeated slashes removed from the key.
     Patterns keep their wildcard parts; only the part of the path that exists is resolved.
     """
@@ -163,7 +199,8 @@ def canonical_uri(uri: str) -> str:
         uri = uri[len("localhost") :] if uri.startswith("localhost/") else uri
     if "://" not in uri:
         trailing = "/" if uri.endswith("/") and len(uri) > 1 else ""
-        return os.path.realpath(os.path.expanduser(uri)) + trailing
+        path = os.path.expanduser(uri)
+        return (os.path.realpath(path) if resolve_links else os.path.abspath(path)) + trailing
     scheme, rest = uri.split("://", 1)
     scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())  # one store, one spelling
     bucket, _, key = rest.partition("/")
@@ -188,10 +225,11 @@ def pattern_base(uri: str) -> str:
 
 
 def overlap(input_uri: str, output_uri: str) -> str | None:
-    """How ``output_uri`` overlaps the input (canonical URIs), or None: equal, inside it,
-    or containing it. Writing there could overwrite, delete or re-read the input."""
-    src = pattern_base(input_uri).rstrip("/")
-    out = output_uri.rstrip("/")
+    """How ``output_uri`` overlaps the input, or None: equal, inside it, or containing it,
+    however either is spelled (symbolic links resolved). Writing there could overwrite,
+    delete or re-read the input."""
+    src = canonical_uri(pattern_base(input_uri)).rstrip("/")
+    out = canonical_uri(output_uri).rstrip("/")
     if out == src:
         return "is the input"
     if out.startswith(src + "/"):

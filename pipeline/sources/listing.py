@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pipeline.bulk import bulk
 from pipeline.sources.base import Format, InputError, Shard, has_ext
 from pipeline.sources.registry import AUTO, formats, lookup
-from pipeline.storage import is_hidden, url_to_fs
+from pipeline.storage import url_to_fs
 
 # Image files per read task for folders: enough to amortise a task, small enough to spread.
 FILES_PER_SHARD = 64
@@ -20,8 +20,16 @@ class Listing:
     format: str
     root: str
     files: tuple[tuple[str, int], ...]  # (uri, size)
-    skipped: int  # files under the root that are not of the format
+    skipped: int  # files under the root that are not inputs: of another format, or by rule
     versions: dict[str, str] = field(default_factory=dict, compare=False)  # uri → size:ETag|mtime
+    skips: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (uri, why) of each skipped
+
+    def skipped_why(self) -> dict[str, int]:
+        """Why files were skipped → how many."""
+        out: dict[str, int] = {}
+        for _, why in self.skips:
+            out[why] = out.get(why, 0) + 1
+        return out
 
     def only(self, uris: set[str]) -> Listing:
         """The same listing restricted to ``uris`` (for incremental runs)."""
@@ -57,6 +65,7 @@ def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -
     fs, _ = url_to_fs(expand_braces(uri)[0], storage_options)
     found: dict[str, int] = {}
     versions: dict[str, str] = {}
+    skips: list[tuple[str, str]] = []
     root = None
     # A name that exists is taken literally: "img[1].jpg" or "{a}.tar" is a file, not a pattern.
     literal = any(ch in uri for ch in "*?[{") and _exists(fs, fs._strip_protocol(uri))
@@ -79,10 +88,17 @@ def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -
             raise InputError(f"input not readable: {pattern} ({e})") from None
         root = root if root is not None else base
         for p, d in entries.items():
-            if not is_hidden(p[len(base) :] if p.startswith(base) else p.rsplit("/", 1)[-1]):
+            why = skip_reason(p[len(base) :] if p.startswith(base) else p.rsplit("/", 1)[-1], d)
+            if why:
+                skips.append((p, why))
+            else:
                 found[p] = int(d.get("size") or 0)
                 versions[p] = _version(d)
     if not found:
+        if skips:
+            counts = Listing("", "", (), 0, skips=tuple(skips)).skipped_why()
+            why = "; ".join(f"{n} {reason}" for reason, n in counts.items())
+            raise InputError(f"input holds no input file: {uri} ({why})")
         raise InputError(f"input is empty: {uri}")
 
     chosen = _detect(found, uri) if fmt == AUTO else lookup(fmt)
@@ -90,14 +106,35 @@ def list_input(uri: str, fmt: str = AUTO, storage_options: dict | None = None) -
     keep = [p for p in sorted(found) if has_ext(p, exts)]
     if not keep:
         raise InputError(f"no {chosen.name} files ({', '.join(exts)}) under {uri}")
+    other = [(p, f"not {chosen.files}") for p in sorted(found) if not has_ext(p, exts)]
     uris = {p: fs.unstrip_protocol(p) for p in keep}
+    every = [(fs.unstrip_protocol(p), why) for p, why in sorted(skips) + other]
     return Listing(
         chosen.name,
         fs.unstrip_protocol(root),
         tuple((uris[p], found[p]) for p in keep),
-        skipped=len(found) - len(keep),
+        skipped=len(every),
         versions={uris[p]: versions[p] for p in keep},
+        skips=tuple(every),
     )
+
+
+def skip_reason(rel: str, info: dict) -> str | None:
+    """Why a listed file is not an input, whatever its extension, or None: an image file is
+    an input whatever its name (``_DSC0001.JPG`` is a camera's). Skipped by rule: what is
+    not a regular file (a FIFO would block its read for good), macOS's AppleDouble ``._*``
+    companions, editors' temporary files, and a Delta table's log."""
+    if info.get("type", "file") != "file":
+        return "not regular files (FIFOs, sockets, devices)"
+    parts = [part for part in rel.split("/") if part]
+    name = parts[-1] if parts else rel
+    if name.startswith("._"):
+        return "macOS AppleDouble files (._*)"
+    if name.endswith("~") or name.startswith(".~lock.") or (name.startswith(".") and name.endswith(".swp")):
+        return "editor temporary files"
+    if "_delta_log" in parts[:-1]:
+        return "a Delta table's log"
+    return None
 
 
 def _list_one(fs, path: str) -> tuple[str, dict]:

@@ -623,3 +623,65 @@ def test_a_night_killed_at_each_step_of_its_commit_then_run_again(tmp_path, step
     live = {u[len(out.path) + 1 :] for u in out.live()}
     assert {n for n in out.names() if n.endswith(".parquet") and not n.startswith("_delta_log/")} == live
     assert sorted(out.ids()) == sorted(new)
+
+
+def test_a_current_link_repointed_at_new_files_replaces_their_rows(tmp_path, night):
+    """Inputs were known by their resolved path: re-pointing ``current`` from v1/ to v2/ made
+    every v2 file a new input, and each id appeared twice. An input is the path as given."""
+    import shutil
+
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir()
+    v2.mkdir()
+    make_shard(v1, "a", 2, 0)
+    make_shard(v1, "b", 2, 10)
+    make_shard(v2, "a", 3, 50)  # a changed
+    shutil.copy2(v1 / "b.tar", v2 / "b.tar")  # b the same: its size and mtime kept
+    current = tmp_path / "current"
+    os.symlink(v1, current)
+    out = Output(str(tmp_path / "features"), None)
+    night(str(current), out, "2026-11-24")
+    os.remove(current)
+    os.symlink(v2, current)
+    again = night(str(current), out, "2026-11-25")
+    assert "from 1 inputs" in again.stdout, again.stdout
+    table = out.read(("id", "source"))
+    assert sorted(table["id"].to_pylist()) == ["a/000", "a/001", "a/002", "b/000", "b/001"]
+    assert {s.rsplit("/", 1)[0] for s in table["source"].to_pylist()} == {f"file://{current}"}
+
+
+def test_ctrl_c_is_one_line_exit_130_and_commits_nothing(tmp_path):
+    """A SIGINT mid-run printed a whole traceback."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    make_shard(shards, "a", 12, 0)
+    out = Output(str(tmp_path / "out"), None)
+    mark = uuid.uuid4().hex
+    slow = ["--model", "resnet50", "--weights", "none", "--batch-size", "2", "--threads-per-actor", "1"]
+    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(shards), "--output", out.uri, *slow]
+    proc = subprocess.Popen(
+        cmd, env=job_env("", mark), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:  # interrupt once the model is at work
+        actors = [
+            p for p in psutil.process_iter(["cmdline"]) if "MapWorker" in " ".join(p.info["cmdline"] or [])
+        ]
+        if any(_marked(p, mark) and time.time() - p.create_time() > 8 for p in actors):
+            break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    kill_marked(mark)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in stderr, stderr[
+        -3000:
+    ]
+    assert not out.exists() or out.ids() == []
+
+
+def _marked(p, mark: str) -> bool:
+    try:
+        return p.environ().get("PIPELINE_TEST_MARK") == mark
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False

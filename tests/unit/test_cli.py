@@ -199,7 +199,9 @@ def test_paths_are_canonical_and_absolute_before_anything_else(tmp_path, monkeyp
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "alias")
     cfg = cli.config_from_args(parse(["run", "--input", "alias/./x/../imgs", "--output", "out/"]))
-    assert cfg.source.input == str(tmp_path / "real" / "imgs")
+    # The input is known by the path it is given as (a `current` link re-pointed names the
+    # same inputs); the overlap check resolves the links of both.
+    assert cfg.source.input == str(tmp_path / "alias" / "imgs")
     assert cfg.sink.output == str(tmp_path / "out") + "/"
     cfg = cli.config_from_args(
         parse(["run", "--input", "s3://b/a//b/./c/../in/", "--output", "s3://b/a/out"])
@@ -267,3 +269,91 @@ def test_the_readme_options_table_names_every_flag():
     nightly_only = {s.flag for _, cls, _ in NIGHTLY_GROUPS for s in settings(cls)} - run_flags
     nightly = readme[readme.index("## Nightly incremental runs") :]
     assert all(flag in nightly for flag in nightly_only), nightly_only
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--input", "s3://AKIAEXAMPLE:S3CRET@bucket/in/", "--output", "OUT"],
+        ["run", "--input", "IN", "--output", "s3://AKIAEXAMPLE:S3CRET@bucket/out"],
+        ["run", "--input", "IN", "--output", "OUT", "--weights", "s3://AKIAEXAMPLE:S3CRET@bucket/w.pth"],
+        ["run", "--input", "IN", "--output", "OUT", "--labels", "gs://AKIAEXAMPLE:S3CRET@bucket/l.txt"],
+        ["run", "--input", "IN", "--output", "OUT", "--config", "s3://AKIAEXAMPLE:S3CRET@bucket/c.yaml"],
+        ["nightly", "--input", "s3a://AKIAEXAMPLE:S3CRET@bucket/in/", "--output", "OUT"],
+        ["history", "s3://AKIAEXAMPLE:S3CRET@bucket/out"],
+        ["vacuum", "s3://AKIAEXAMPLE:S3CRET@bucket/out"],
+        ["migrate", "s3://AKIAEXAMPLE:S3CRET@bucket/out"],
+    ],
+)
+def test_credentials_in_any_uri_are_refused_in_one_line_that_shows_no_secret(tmp_path, capsys, argv):
+    """s3fs took ``KEY:SECRET@bucket`` for a bucket's name and printed it back, secret and all
+    (for --weights and --labels on a second line that escaped redaction)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    argv = [a.replace("IN", str(tmp_path / "in")).replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert cli.main(argv) == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "carries no credentials" in err[0] and "<redacted>@bucket" in err[0], err
+    assert "S3CRET" not in out.out + out.err and "AKIAEXAMPLE" not in out.out + out.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_redaction_finds_user_info_without_its_scheme():
+    from pipeline.storage import redact
+
+    text = (
+        'Invalid bucket name "AKIA:S3CRET@bucket": see s3://u:p@b/k and https://h/x?sig=1 or bob@example.com'
+    )
+    assert redact(text) == (
+        'Invalid bucket name "<redacted>@bucket": see s3://<redacted>@b/k and https://h/x?<redacted> '
+        "or bob@example.com"
+    )
+
+
+def test_a_local_path_with_double_colons_is_taken_literally(tmp_path, capsys):
+    """fsspec reads ``::`` as a chain of file systems: ``/x/o::1`` was checked, leased and
+    recovered as ``/x/o``. A local path is now taken literally by every step; a URI with a
+    scheme that chains is refused."""
+    from pipeline import sinks
+    from tests.tables import commit, rows
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("someone else's")
+    literal = str(tmp_path / "o::1")
+    commit(literal, [("a.parquet", rows("s3://in/a.tar", 2))])
+    assert sinks.Table(literal).rows() == 2 and os.path.isdir(tmp_path / "o::1" / "_delta_log")
+    assert os.listdir(tmp_path / "o") == ["keep.txt"]
+    assert cli.main(["history", literal]) == 0 and "version 1: 1 files, 2 rows" in capsys.readouterr().out
+    assert cli.main(["run", "--input", str(tmp_path / "o"), "--output", "s3://b/o::memory://x"]) == 2
+    assert "'::' (fsspec's chaining of file systems) is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--overwrite"], "error: nightly takes no --overwrite: it replaces changed inputs' rows by itself"),
+        (["--date", ""], "error: --date must be YYYY-MM-DD, got ''"),
+        (["--output", "FILE"], "error: output FILE exists and is a file; pass a folder URI"),
+    ],
+)
+def test_nightly_misuse_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    """--overwrite was accepted and ignored, --date '' meant today, and an --output that is a
+    file ended in "[Errno 17]" with exit 1."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "file").write_text("x")
+    argv = [
+        "nightly",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--weights",
+        "none",
+    ]
+    argv += [a.replace("FILE", str(tmp_path / "file")) for a in extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == message.replace("FILE", str(tmp_path / "file")) and len(err) <= 2, err
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "out").exists()

@@ -361,9 +361,9 @@ def test_a_brace_pattern_is_one_listing_not_a_lookup_per_name(tmp_path, monkeypa
     assert counted[30] == counted[300], counted  # no lookup per name
     assert sum(counted[300].values()) <= 4, counted
 
-    # a name of the pattern that is hidden is left out, as from a folder
+    # a name of the pattern that starts with "_" is an input, as from a folder
     listing = list_input(f"{folder}/{{_hidden,shard-001}}.tar")
-    assert [u for u, _ in listing.files] == [f"file://{folder}/shard-001.tar"]
+    assert [u for u, _ in listing.files] == [f"file://{folder}/_hidden.tar", f"file://{folder}/shard-001.tar"]
 
 
 def test_a_brace_pattern_with_a_missing_name_names_the_first_missing_one(tmp_path):
@@ -386,8 +386,9 @@ def test_a_brace_pattern_over_folders_lists_everything_under_each(tmp_path):
     listing = list_input(f"{tmp_path}/{{x,y,empty}}/")
     assert listing.root == f"file://{tmp_path}/x"
     assert [u for u, _ in listing.files] == [
-        f"file://{tmp_path}/{f}" for f in ["x/a.jpg", "x/sub/b.jpg", "y/c.jpg"]
+        f"file://{tmp_path}/{f}" for f in ["x/_private/d.jpg", "x/a.jpg", "x/sub/b.jpg", "y/c.jpg"]
     ]
+    assert listing.skipped_why() == {"not image files": 1}  # y/.DS_Store
     assert list_input(f"{tmp_path}/{{y,x}}").root == f"file://{tmp_path}/y"
 
 
@@ -437,3 +438,48 @@ def test_a_brace_pattern_never_walks_folders_it_does_not_name(tmp_path, monkeypa
     got = list_input(str(big / "{a,b}.tar"), "webdataset")
     assert [u.rsplit("/", 1)[-1] for u, _ in got.files] == ["a.tar", "b.tar"]
     assert not any("other" in p for p in walked), walked
+
+
+def test_an_image_is_an_input_whatever_its_name_and_what_is_skipped_says_why(tmp_path):
+    """Images named with a leading ``_`` or ``.`` (a camera's ``_DSC0001.JPG``) were dropped
+    in silence. Now only files skipped by rule are left out, each counted with its reason:
+    a FIFO (whose read would block for good: it is never opened), AppleDouble ``._*``."""
+    import os
+
+    jpeg = GOOD["good/cat.jpg"]
+    (tmp_path / "_hidden").mkdir()
+    for name in ("ok.jpg", "_DSC0001.JPG", "_x.jpg", ".y.jpg", "_hidden/z.jpg", "._ok.jpg"):
+        (tmp_path / name).write_bytes(jpeg)
+    (tmp_path / "notes.txt").write_text("not an image")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    listing = list_input(str(tmp_path))
+    assert sorted(u.rsplit(f"{tmp_path.name}/", 1)[1] for u, _ in listing.files) == [
+        ".y.jpg", "_DSC0001.JPG", "_hidden/z.jpg", "_x.jpg", "ok.jpg"
+    ]  # fmt: skip
+    assert listing.skipped == 3 and listing.skipped_why() == {
+        "macOS AppleDouble files (._*)": 1,
+        "not regular files (FIFOs, sockets, devices)": 1,
+        "not image files": 1,
+    }
+    assert [u.rsplit("/", 1)[1] for u, _ in list_input(str(tmp_path / "_x.jpg")).files] == ["_x.jpg"]
+    with pytest.raises(InputError, match=r"input holds no input file: .*fifo.jpg \(1 not regular files"):
+        list_input(str(tmp_path / "fifo.jpg"))
+
+
+def test_an_input_file_without_an_image_gets_an_error_row_saying_so(tmp_path):
+    """An empty tar or Parquet file is an input too: its row tells that it held nothing (and
+    the nightly job knows it is done, instead of running it again every night)."""
+    import tarfile
+
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty.parquet")
+    for fmt, name, noun in (
+        ("webdataset", "empty.tar", "tar shard"),
+        ("parquet", "empty.parquet", "Parquet file"),
+    ):
+        [shard] = shards(list_input(str(tmp_path / name), fmt))
+        rows = [r for t in read_shard(shard) for r in t.to_pylist()]
+        assert [(r[C.ID], r[C.BYTES], r[C.ERROR]) for r in rows] == [
+            (name, None, f"no images in this {noun}")
+        ]
+        assert rows[0][C.SOURCE_VERSION] == shard.versions[0]
