@@ -184,6 +184,27 @@ def test_resnet50_features_are_2048_and_overwrite_replaces(tmp_path, ray_cluster
     assert first == second == table.num_rows  # version 1 still holds the first run's rows
     assert DeltaTable(out).history(1)[0]["pipeline"]["rows_replaced"] == first
 
+    # Every reader gets the 2048 floats of each row, the values the run wrote.
+    import duckdb
+    import polars as pl
+    import pyarrow.fs as pafs
+
+    wrote = {r[C.ID]: r[C.EMBEDDING] for r in table.to_pylist()}
+    dataset = DeltaTable(out).to_pyarrow_dataset(
+        filesystem=pafs.SubTreeFileSystem(out, pafs.LocalFileSystem())
+    )
+    readers = {
+        "pyarrow": dataset.to_table().to_pylist(),
+        "polars": pl.read_delta(out).to_dicts(),
+        "pandas": DeltaTable(out)
+        .to_pandas(filesystem=pafs.SubTreeFileSystem(out, pafs.LocalFileSystem()))
+        .to_dict("records"),
+        "duckdb": duckdb.sql("SELECT id, embedding FROM dataset").arrow().read_all().to_pylist(),
+    }
+    for name, rows in readers.items():
+        got = {r[C.ID]: list(r[C.EMBEDDING]) for r in rows}
+        assert got == wrote and {len(e) for e in got.values()} == {2048}, name
+
 
 def test_job_script_joins_the_cluster_in_ray_address(tmp_path, ray_cluster, images_dir, resnet18_checkpoint):
     """jobs/extract_features.py as a separate driver, joining the running cluster."""

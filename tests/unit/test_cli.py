@@ -357,3 +357,27 @@ def test_nightly_misuse_is_one_line_and_exit_2(tmp_path, capsys, extra, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == message.replace("FILE", str(tmp_path / "file")) and len(err) <= 2, err
     assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "out").exists()
+
+
+def test_exit_codes_survive_a_native_library_aborting_at_teardown(tmp_path):
+    """Processes that read a table through deltalake's own file-system handler were seen to
+    abort at exit ("terminate called without an active exception", 134) after their work;
+    the commands end their process without that teardown, with the code they mean. In a
+    loop: the abort comes in some runs only."""
+    from tests.tables import commit, rows
+
+    uri = str(tmp_path / "t")
+    commit(uri, [("a.parquet", rows("s3://in/a.tar", 2))])
+    read = f"from deltalake import DeltaTable; DeltaTable({uri!r}).to_pyarrow_dataset().to_table()"
+    ended = [
+        subprocess.run(
+            [sys.executable, "-c", f"{read}\nfrom pipeline.cli import exit_process; exit_process(3)"],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=120,
+        ).returncode  # fmt: skip
+        for _ in range(6)
+    ]
+    assert ended == [3] * 6
+    assert [run_cli("history", uri).returncode for _ in range(4)] == [0] * 4
+    assert [run_cli("history", str(tmp_path / "none")).returncode for _ in range(2)] == [2] * 2
