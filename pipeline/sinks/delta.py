@@ -23,7 +23,6 @@ and ``fingerprint``; ``Table.inputs`` reads just those columns of the current sn
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import sys
@@ -108,6 +107,13 @@ class Table:
         if self.is_table():
             self.delta = DeltaTable(self.uri, version=version, storage_options=self.options)
         return self
+
+    def is_folder(self) -> bool:
+        """Whether the root is a folder that exists (False where the store will not say)."""
+        try:
+            return bool(self.fs.isdir(self.path))
+        except Exception:
+            return False
 
     def is_table(self) -> bool:
         """Whether a Delta log is at the root (one LIST of ``_delta_log/``; creates nothing)."""
@@ -673,11 +679,7 @@ def open_existing(uri: str, storage_options: dict | None = None) -> Table:
     table = Table(check_uri(uri), storage_options)
     if not table.exists:
         where = redact(table.uri)
-        try:
-            there = table.fs.exists(table.path)
-        except Exception:
-            there = False
-        if not there:
+        if not table.is_folder():
             raise TableError(f"no table at {where}: it does not exist")
         if previous_layout(table.fs, table.path):
             raise TableError(
@@ -687,6 +689,3 @@ def open_existing(uri: str, storage_options: dict | None = None) -> Table:
         raise TableError(f"no table at {where}: it has no Delta log (_delta_log/)")
     return table
 
-
-def as_json(value) -> str:
-    return json.dumps(redact_all(value), sort_keys=True)

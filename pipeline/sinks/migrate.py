@@ -54,11 +54,7 @@ def migrate(uri: str, storage_options: dict | None = None) -> list[str]:
             if old
             else [f"{done}: nothing to do"]
         )
-    try:
-        there = table.fs.isdir(table.path)
-    except Exception:
-        there = False
-    if not there:
+    if not table.is_folder():
         raise TableError(f"no output at {where}: nothing to migrate")
     if not previous_layout(table.fs, table.path):
         raise TableError(f"{where} is not an output of the previous layout: nothing to migrate")
