@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install local test lint bench bench-scale clean
+.PHONY: help install local test lint bench bench-scale bench-sink clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ bench: $(STAMP) ## Benchmark the pipeline against the plain PyTorch loop (about 
 
 bench-scale: $(STAMP) ## Driver cost per input at 10k, 100k and 1M synthetic inputs (about 10 min)
 	$(PY) bench/scale.py --before
+
+bench-sink: $(STAMP) ## Our Delta datasink against Ray Data's write_delta on the same rows (about 2 min)
+	$(PY) bench/sink.py --rows 100000 --rows-per-file 25000
 
 clean: ## Remove generated data and outputs (keeps .venv)
 	rm -rf out data
