@@ -688,4 +688,3 @@ def open_existing(uri: str, storage_options: dict | None = None) -> Table:
             )
         raise TableError(f"no table at {where}: it has no Delta log (_delta_log/)")
     return table
-
